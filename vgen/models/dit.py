@@ -1,0 +1,165 @@
+"""The video DiT: Vchitect-2.0-style spatial/temporal/cross-attention blocks, adaLN timestep conditioning.
+
+Each block runs, on the adaLN-modulated tokens, in parallel:
+  spatial self-attention (tokens of one frame) and cross-attention (tokens -> text), fused by one linear
+  layer over their concatenated heads, plus temporal self-attention (one position across frames);
+then an MLP. This file knows nothing of torch.distributed: sequence parallelism replaces the attention
+cores and the `seq_in` / `seq_out` seams from vgen/parallel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from vgen.models.attention import CrossAttention, RMSNorm, SelfAttention
+from vgen.models.presets import DiTConfig
+from vgen.models.rope import rope_tables
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):  # t: (B,) in [0, 1]
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ratio: float):
+        super().__init__()
+        inner = int(hidden * ratio)
+        self.fc1, self.act, self.fc2 = nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class STBlock(nn.Module):
+    """One spatial/temporal/cross-attention block. Parameters: 26 * hidden^2 (+ biases, norms)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D, h = cfg.hidden, cfg.heads
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.spatial = SelfAttention(D, h, "spatial", cfg.qk_norm, project=False, backend=cfg.attention)
+        self.cross = CrossAttention(D, h, cfg.qk_norm, backend=cfg.attention)
+        self.fuse = nn.Linear(2 * D, D)  # the output projection of spatial and cross attention together
+        self.temporal = SelfAttention(D, h, "temporal", cfg.qk_norm, project=True, backend=cfg.attention)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(D, cfg.mlp_ratio)
+        # adaLN-Zero: shift/scale/gate for attention and MLP; zero init makes every block start as identity
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, cond, ctx, ctx_mask, rope, grid):
+        # x: (B, N, D); cond: (B, D); ctx: (B, L, D); ctx_mask: (B, L)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(cond).chunk(6, dim=-1)  # each (B, D)
+        h = modulate(self.norm1(x), shift_a, scale_a)  # (B, N, D)
+        spatial = self.spatial(h, rope, grid)  # (B, N, D)
+        cross = self.cross(h, ctx, ctx_mask, grid)  # (B, N, D)
+        temporal = self.temporal(h, rope, grid)  # (B, N, D)
+        attn = self.fuse(torch.cat([spatial, cross], dim=-1)) + temporal  # (B, N, D)
+        x = x + gate_a[:, None] * attn
+        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x  # (B, N, D)
+
+
+class SequenceSeam(nn.Module):
+    """Identity at the model's entry/exit. Sequence parallelism replaces `seq_in` with a split of the
+    tokens and RoPE tables across the SP group, and `seq_out` with the matching gather."""
+
+    def forward(self, x, rope=None, grid=None):
+        return x if rope is None else (x, rope)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, D: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.linear = nn.Linear(D, out_dim)
+        for layer in (self.ada[1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, cond):
+        shift, scale = self.ada(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class VideoDiT(nn.Module):
+    """Predicts the flow-matching velocity of a latent video.
+
+    forward(x (B, C, T, H, W), t (B,), text (B, L, text_dim), text_mask (B, L) bool) -> (B, C, T, H, W)
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, (pt, ph, pw) = cfg.hidden, cfg.patch
+        patch_dim = cfg.in_channels * pt * ph * pw
+        self.patch_embed = nn.Linear(patch_dim, D)
+        self.t_embed = TimestepEmbedder(D)
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.text_norm = RMSNorm(D)
+        self.pooled_proj = nn.Linear(D, D)  # mean text embedding joins the timestep in adaLN conditioning
+        self.seq_in, self.seq_out = SequenceSeam(), SequenceSeam()
+        self.blocks = nn.ModuleList(STBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(D, patch_dim)
+
+    def token_grid(self, shape) -> tuple[int, int, int]:
+        T, H, W = shape[-3:]
+        pt, ph, pw = self.cfg.patch
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"latent (T, H, W)={(T, H, W)} is not divisible by model.patch={self.cfg.patch}")
+        return T // pt, H // ph, W // pw
+
+    def embed_text(self, text, text_mask):
+        ctx = self.text_norm(self.text_proj(text))  # (B, L, D)
+        m = text_mask[..., None].to(ctx.dtype)
+        pooled = (ctx * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+        return ctx, self.pooled_proj(pooled)
+
+    def forward(self, x, t, text, text_mask):
+        B = x.shape[0]
+        grid = self.token_grid(x.shape)
+        pt, ph, pw = self.cfg.patch
+        patches = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        tokens = self.patch_embed(patches)  # (B, N, D)
+        ctx, pooled = self.embed_text(text, text_mask)  # (B, L, D), (B, D)
+        cond = self.t_embed(t) + pooled  # (B, D)
+        rope = rope_tables(grid, self.cfg.head_dim, device=x.device)  # 2 x (N, head_dim / 2)
+        tokens, rope = self.seq_in(tokens, rope, grid)  # (B, N_local, D) under SP
+        for block in self.blocks:
+            tokens = block(tokens, cond, ctx, text_mask, rope, grid)  # (B, N_local, D)
+        tokens = self.seq_out(tokens, grid=grid)  # (B, N, D)
+        out = self.final(tokens, cond)  # (B, N, patch_dim)
+        T, H, W = grid
+        return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", b=B, t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
+
+    def flops_per_sample(self, latent_shape, text_len: int) -> float:
+        """Forward + backward model FLOPs for one sample (3x the forward matmuls, attention included)."""
+        T, H, W = self.token_grid(latent_shape)
+        N, D, L = T * H * W, self.cfg.hidden, text_len
+        block_params = sum(p.numel() for p in self.blocks[0].parameters() if p.dim() == 2)
+        ada = self.blocks[0].ada[1].weight.numel()  # applied once per sample, not per token
+        kv_text = self.blocks[0].cross.kv.weight.numel()  # applied to L text tokens, not N
+        per_block = 2 * (N * (block_params - ada - kv_text) + ada + L * kv_text)
+        attn = 2 * 2 * D * (N * H * W + N * T + N * L)  # QK^T and PV of spatial, temporal, cross
+        other = 2 * N * (self.patch_embed.weight.numel() + self.final.linear.weight.numel())
+        return 3.0 * (self.cfg.depth * (per_block + attn) + other)
