@@ -81,7 +81,8 @@ class STBlock(nn.Module):
 
 class SequenceSeam(nn.Module):
     """Identity at the model's entry/exit. Sequence parallelism replaces `seq_in` with a split of the
-    tokens and RoPE tables across the SP group, and `seq_out` with the matching gather."""
+    tokens and RoPE tables across the SP group, and `seq_out` with the matching gather (applied to the
+    final layer's output)."""
 
     def forward(self, x, rope=None, grid=None):
         return x if rope is None else (x, rope)
@@ -147,8 +148,9 @@ class VideoDiT(nn.Module):
         tokens, rope = self.seq_in(tokens, rope, grid)  # (B, N_local, D) under SP
         for block in self.blocks:
             tokens = block(tokens, cond, ctx, text_mask, rope, grid)  # (B, N_local, D)
-        tokens = self.seq_out(tokens, grid=grid)  # (B, N, D)
-        out = self.final(tokens, cond)  # (B, N, patch_dim)
+        out = self.final(tokens, cond)  # (B, N_local, patch_dim)
+        # gather after the final layer, so every parameter's gradient is a partial sum over SP ranks
+        out = self.seq_out(out, grid=grid)  # (B, N, patch_dim)
         T, H, W = grid
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", b=B, t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
 
