@@ -101,6 +101,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # stop after this step as if preempted (checkpoint, exit 0); the same command without it resumes
+    stop_after_step: Optional[int] = None
     grad_accum: int = 1
     ema_decay: float = 0.999
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,0 +1,41 @@
+"""The DeepSpeed config, generated from the vgen config (users never write a ds_config by hand)."""
+
+from __future__ import annotations
+
+
+def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict:
+    """ZeRO stage, precision, clipping, accumulation, AdamW and warmup + cosine LR from `cfg`.
+
+    Args:
+        world_size: every rank; ZeRO shards and averages over all of them (sequence-parallel ranks
+            included: their gradients are partial sums, see vgen/parallel/sequence.py).
+        on_gpu: bf16 on GPU, fp32 on CPU.
+    """
+    opt = cfg.train.optim
+    micro, accum = cfg.data.micro_batch, cfg.train.grad_accum
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": opt.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": bool(on_gpu)},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW on CPU: DeepSpeed's fused Adam is a CUDA kernel
+            "torch_adam": not on_gpu,
+            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(cfg.train.max_steps, opt.warmup_steps + 1),
+                "warmup_num_steps": opt.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": opt.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

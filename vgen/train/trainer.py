@@ -1,0 +1,218 @@
+"""The trainer: the one place that knows DeepSpeed.
+
+Start-up order matters for "nothing already saved is lost": everything that can fail on bad input (config,
+data path, model preset, checkpoint compatibility) is checked before the run directory is written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from vgen.config import to_yaml
+from vgen.data.loader import build_loader
+from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift
+from vgen.parallel.parallelize import parallelize
+from vgen.train import setup
+from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
+from vgen.train.ds_config import build_ds_config
+from vgen.train.ema import ShardedEMA
+from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
+
+
+def step_generator(seed: int, step: int, dp_rank: int, micro: int) -> torch.Generator:
+    """A generator for one micro-batch's timesteps, noise and caption dropout. Derived from its
+    position, not carried state, so a resumed run draws exactly what an uninterrupted one would, and
+    the ranks of one sequence-parallel group (same dp_rank) draw the same."""
+    digest = hashlib.sha256(f"{seed}:{step}:{dp_rank}:{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device, self.topo = setup.init_distributed(cfg)
+        self.is_main = dist.get_rank() == 0
+        self.run_dir = Path(cfg.run.dir)
+        setup.set_determinism(cfg)
+        self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
+        self.text_encoder, self.autoencoder = setup.build_frozen(cfg, self.device)
+        model = setup.build_model(cfg, self.text_encoder.dim, self.autoencoder.latent_channels)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, setup.model_signature(model, cfg))
+        self.resume_tag = self.ckpt.latest_complete()
+        if self.resume_tag:
+            self.ckpt.check_compatible(self.resume_tag)
+        parallelize(model, cfg, self.topo)
+        ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda")
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.ema = ShardedEMA(self.engine.module, cfg.train.ema_decay)
+        self.step = self._resume() if self.resume_tag else 0
+        self._write_run_files()
+        self.metrics = MetricsLogger(self.run_dir, cfg, self.is_main, cfg.train.max_steps, self.step)
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ---- resume and run files -------------------------------------------------------------------------
+    def _resume(self) -> int:
+        tag = self.resume_tag
+        self.engine.load_checkpoint(str(self.ckpt.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = self.ckpt.load_rank_state(tag)
+        if state is None or state["world_size"] != self.topo.world_size:
+            self._log(f"checkpoint {tag} was written by another world size: data position and EMA restart")
+        else:
+            self.loader.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            if not self.ema.load_state_dict(state["ema"]):
+                self._log("EMA sharding changed: EMA restarts from the current weights")
+        step = int(self.engine.global_steps)
+        self._log(f"resumed from {self.ckpt.dir / tag} at step {step}")
+        return step
+
+    def _write_run_files(self) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            truncate_after(self.run_dir / "metrics.jsonl", self.step)
+        dist.barrier()
+
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[vgen] {msg}", flush=True)
+
+    def _on_sigterm(self, *_):
+        self.stop_requested = True  # checkpoint at the next step boundary, then exit (preemption)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def _prepare(self, batch, step: int, micro: int):
+        """Latents, text, timesteps and noise for one micro-batch (identical across an SP group)."""
+        gen = step_generator(self.cfg.run.seed, step, self.topo.dp_rank, micro)
+        captions = list(batch["caption"])
+        drop = torch.rand(len(captions), generator=gen) < self.cfg.text.dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        with torch.no_grad():
+            x0 = self.autoencoder.encode(batch["video"].to(self.device)).float()  # (B, C, T, H, W)
+            text, mask = self.text_encoder(captions)  # (B, L, dim), (B, L)
+        T, H, W = self.engine.module.token_grid(x0.shape)
+        tokens, self._latent_shape = T * H * W, tuple(x0.shape[1:])
+        d = self.cfg.diffusion
+        t = sample_timesteps(x0.shape[0], gen, timestep_shift(tokens, d.shift_base_tokens, d.shift_max), d.logit_mean, d.logit_std)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        t = t.to(self.device)
+        xt = add_noise(x0, noise, t)
+        return (xt.to(dtype), t, text.to(dtype), mask.to(self.device)), x0, noise, tokens
+
+    def train_step(self) -> dict:
+        step = self.step + 1
+        start = time.perf_counter()
+        losses, tokens = [], 0
+        for micro in range(self.cfg.train.grad_accum):
+            inputs, x0, noise, tokens = self._prepare(next(self.loader), step, micro)
+            pred = self.engine(*inputs)
+            loss = flow_matching_loss(pred, x0, noise)
+            # SP ranks each hold partial-sum gradients and ZeRO averages over all ranks: scale back up
+            self.engine.backward(loss * self.topo.sp_size)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        self.ema.update()
+        self.step = step
+        loss = torch.stack(losses).mean()
+        dist.all_reduce(loss)  # every rank of an SP group holds the same loss, so the mean over all
+        loss = loss / self.topo.world_size  # ranks is the mean over data-parallel ranks
+        return self._record(step, loss.item(), time.perf_counter() - start, tokens)
+
+    def _record(self, step: int, loss: float, seconds: float, tokens: int) -> dict:
+        samples = self.cfg.data.micro_batch * self.cfg.train.grad_accum * self.topo.dp_size
+        norm = self.engine.get_global_grad_norm()
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": samples * tokens / seconds,
+            "skipped_samples": self.loader.stats()["skipped"],
+        }
+        if self.device.type == "cuda":
+            rec["mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            peak = gpu_peak_flops()
+            if peak:
+                flops = self.engine.module.flops_per_sample(self._latent_shape, self.cfg.text.max_length)
+                rec["mfu"] = flops * samples / seconds / (peak * self.topo.world_size)
+        return rec
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        stop_at = min(cfg.train.max_steps, cfg.train.stop_after_step or cfg.train.max_steps)
+        if self.step >= cfg.train.max_steps:
+            self._log(f"run already at step {self.step} >= train.max_steps={cfg.train.max_steps}; nothing to do")
+        while self.step < stop_at:
+            rec = self.train_step()
+            if self.step % cfg.log.every_steps == 0 or self.step == stop_at:
+                self.metrics.log(rec)
+            preempted = self._agree(self.stop_requested)
+            if self._due(cfg.checkpoint.every_steps) or self.step == stop_at or preempted:
+                self.save()
+            if cfg.sample.every_steps and self.step % cfg.sample.every_steps == 0:
+                self.sample_during_training()
+            if preempted:
+                self._log(f"stopping at step {self.step} on SIGTERM; re-run the same command to resume")
+                break
+        self.metrics.close()
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _agree(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def save(self) -> None:
+        state = {
+            "world_size": self.topo.world_size,
+            "data": self.loader.state_dict(),
+            "rng": rng_state(),
+            "ema": self.ema.state_dict(),
+        }
+        tag = self.ckpt.save(self.engine, self.step, state)
+        self.export()
+        self._log(f"saved checkpoint {tag}")
+
+    def export(self) -> None:
+        """Inference weights as safetensors: RUN/export/model.safetensors (raw) and ema.safetensors."""
+        raw = self._gather_raw()
+        ema = self.ema.gather_full()
+        if self.is_main:
+            meta = {"step": str(self.step), "signature": str(self.ckpt.signature)}
+            export_safetensors(self.run_dir / "export" / "model.safetensors", raw, meta)
+            export_safetensors(self.run_dir / "export" / "ema.safetensors", ema, meta)
+        dist.barrier()
+
+    def _gather_raw(self) -> dict:
+        module = self.engine.module
+        params = list(module.parameters())
+        # under ZeRO-3 parameters are partitioned; gather them for the copy (no-op otherwise)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+    def sample_during_training(self) -> None:
+        from vgen.sample import generate_to_dir
+
+        out = self.run_dir / "samples" / f"step{self.step:08d}"
+        generate_to_dir(self.engine.module, self.text_encoder, self.autoencoder, self.cfg, out, write=self.is_main)
+        self.engine.module.train()
+        self._log(f"samples written to {out}")
+
+
+def run_training(cfg) -> None:
+    trainer = Trainer(cfg)
+    trainer.train()
