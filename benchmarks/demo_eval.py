@@ -17,21 +17,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
+import torch
 
 try:
     import vgen  # noqa: F401
 except ImportError:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vgen.data.demo import COLOURS, parse_prompt, SHAPES  # noqa: E402
+from vgen.data.demo import COLOURS, SHAPES, parse_prompt  # noqa: E402
 from vgen.data.video import read_video_file  # noqa: E402
 
-# A pixel is foreground when some channel is this far from the background; demo colours differ from it
-# by ~200, and a model's washed-out outputs still clear it by a wide margin.
+# A pixel is foreground when some channel is this far from the background. Demo colours differ from it by
+# ~200; 60 leaves room for a model's washed-out colours while staying above compression and sampling noise.
 FOREGROUND_THRESHOLD = 60
 # Below this the centroid has not moved: "no direction" rather than a coin toss.
 MIN_DISPLACEMENT = 1.0
+# Fewer foreground pixels than this fraction is noise, not a shape (a demo shape covers ~5%).
+MIN_FOREGROUND = 0.005
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -79,9 +83,9 @@ def classify_clip(frames) -> dict:
     background = np.median(pixels, axis=0)  # the shape covers ~5% of the frame, so the median is background
     distance = np.abs(frames.astype(np.float64) - background).max(axis=-1)  # (T, H, W)
     mask = distance > FOREGROUND_THRESHOLD
-    result = {"found": bool(mask.any()), "colour": None, "colour_score": 0.0, "direction": None, "dx": 0.0,
-              "dy": 0.0, "shape": None, "foreground": float(mask.mean())}
-    if not mask.any():
+    result = {"found": bool(mask.mean() >= MIN_FOREGROUND), "colour": None, "colour_score": 0.0,
+              "direction": None, "dx": 0.0, "dy": 0.0, "shape": None, "foreground": float(mask.mean())}
+    if not result["found"]:
         return result
     mean = frames[mask].astype(np.float64).mean(axis=0)
     scores = _COLOUR_CHROMA @ _chroma(mean - background)
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name + ' accuracy':20s} {result[name + '_accuracy']:.3f}")
     if args.out:
         command = " ".join(["python", "benchmarks/demo_eval.py", *(sys.argv[1:] if argv is None else argv)])
-        record = {"command": command, "git_commit": _git_commit(),
+        record = {"command": command, "git_commit": _git_commit(), "python": sys.version.split()[0],
+                  "torch": torch.__version__, "av": av.__version__,
                   "samples": str(args.samples), **result}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1))

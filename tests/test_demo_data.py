@@ -75,6 +75,9 @@ def test_classify_blank_and_static_clips():
     blank = np.full((8, 32, 32, 3), 8, dtype=np.uint8)
     got = demo_eval.classify_clip(blank)
     assert not got["found"] and got["colour"] is None and got["direction"] is None
+    speckled = blank.copy()
+    speckled[3, 5, 7] = speckled[6, 20, 2] = COLOURS["red"]  # two noisy pixels are not a shape
+    assert not demo_eval.classify_clip(speckled)["found"]
     still = blank.copy()
     still[:, 10:18, 10:18] = COLOURS["cyan"]
     got = demo_eval.classify_clip(still)
