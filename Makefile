@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install, build the demo shards, train on CPU (or GPU), sample, evaluate
+#   make test   create .venv, install, run the tests
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch from local disk; an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python launch/train.py experiment=demo run.dir=$(RUN)
+	$(BIN)/python launch/sample.py run.dir=$(RUN) sample.out_dir=$(RUN)/samples/eval
+	$(BIN)/python benchmarks/demo_eval.py $(RUN)/samples/eval --out $(RUN)/samples/eval/demo_eval.json
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs
+
+clean:
+	rm -rf $(VENV) runs data_cache

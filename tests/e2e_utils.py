@@ -1,0 +1,58 @@
+"""Helpers for end-to-end tests: run the real launchers on tiny settings and read what they logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+TORCHRUN = str(Path(PY).parent / "torchrun")
+
+# a model and data small enough that a 2-rank step takes well under a second on one core
+TINY = [
+    "model.hidden=32", "model.depth=2", "model.heads=2",
+    "data.num_frames=4", "data.height=16", "data.width=16", "data.micro_batch=2",
+    "log.wandb=disabled", "log.every_steps=1", "text.max_length=8",
+    "train.optim.warmup_steps=2", "train.optim.lr=1e-3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    e.pop("VGEN_FAULT_KILL_IN_CHECKPOINT", None)
+    return e
+
+
+def launch(kind: str, args: list[str], nproc: int = 2, extra_env: dict | None = None, timeout: int = 300):
+    """Run launch/train.py under `kind` ("python", "torchrun", "deepspeed"); returns CompletedProcess."""
+    script = str(ROOT / "launch" / "train.py")
+    if kind == "python":
+        cmd = [PY, script]
+    elif kind == "torchrun":
+        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script]
+    else:
+        cmd = [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run(cmd + TINY + args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def check(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
