@@ -1,0 +1,181 @@
+"""Sequence parallelism: every mode on 2 and 4 CPU gloo ranks against the single-process model (forward
+output and every parameter gradient), even and uneven token/frame counts, the trainer's loss-scale
+contract, the communication byte counts, and the start-up errors of bad settings.
+
+Two spawns in all (one per world size), each running its cases in a loop; the 4-rank spawn includes
+dp = 2 x sp = 2 layouts, so ring peers and group offsets are exercised with global ranks != SP ranks.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sp_utils import read_results, sp_worker, spawn, tiny_model
+
+TOL = 1e-5
+DEPTH, FP32 = 2, 4
+
+
+def _case(mode, degree, frames, hw, ulysses_degree=1, batch=2, **extra):
+    return dict(mode=mode, degree=degree, ulysses_degree=ulysses_degree, frames=frames, hw=hw, batch=batch, **extra)
+
+
+# (frames, (h, w) tokens): 64 tokens; 45 (odd, 5 frames); 6 tokens in 2 frames, so on 4 ranks the last
+# shard is pure padding, frames straddle shards, and switch has fewer frames than ranks (Ulysses fallback)
+EVEN, UNEVEN, FEW = (4, (4, 4)), (5, (3, 3)), (2, (1, 3))
+CASES = {
+    2: [_case(m, 2, *shape, ulysses_degree=u) for m, u in [("ulysses", 1), ("ring", 1), ("switch", 1), ("hybrid", 1)] for shape in (EVEN, UNEVEN)]
+    + [_case("switch", 2, *EVEN, broken=True)],
+    4: [_case(m, 4, *shape, ulysses_degree=2) for m in ("ulysses", "ring", "hybrid", "switch") for shape in (EVEN, UNEVEN)]
+    + [_case(m, 4, *FEW, ulysses_degree=2) for m in ("ulysses", "ring", "hybrid", "switch")]
+    + [_case("ring", 2, *UNEVEN), _case("switch", 2, *UNEVEN), _case("hybrid", 2, *EVEN, ulysses_degree=2)]
+    + [_case("switch", 4, *EVEN, broken=True)],
+}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def results(request, tmp_path_factory):
+    world = request.param
+    out_dir = str(tmp_path_factory.mktemp(f"sp{world}"))
+    spawn(sp_worker, world, CASES[world], out_dir)
+    return [r for rank_results in read_results(out_dir, world) for r in rank_results]
+
+
+def _label(case) -> str:
+    return f"{case['mode']}(degree={case['degree']}, u={case['ulysses_degree']}) T={case['frames']} hw={case['hw']}"
+
+
+@pytest.mark.slow
+def test_matches_single_process(results):
+    checked = [r for r in results if not r["case"].get("broken")]
+    assert checked
+    for r in checked:
+        label = _label(r["case"])
+        assert r["out"] <= TOL, f"{label}: forward rel err {r['out']:.2e}"
+        assert r["grad_sp_sum"] <= TOL, f"{label}: SP-summed gradient rel err {r['grad_sp_sum']:.2e}"
+        # the trainer's contract: loss * sp_loss_scale, gradients averaged over the whole world
+        assert r["grad_world_mean"] <= TOL, f"{label}: world-mean gradient rel err {r['grad_world_mean']:.2e}"
+        assert r["smallest_ref_grad"] > 1e-3, f"{label}: a reference gradient is ~0, the comparison is vacuous"
+
+
+@pytest.mark.slow
+def test_negative_control_fails(results):
+    """Dropping switch's temporal all-to-all must break the comparison, or the test above proves nothing."""
+    broken = [r for r in results if r["case"].get("broken")]
+    assert broken
+    for r in broken:
+        assert r["out"] > 1e-2 and r["grad_sp_sum"] > 1e-2
+
+
+def _expected(case: dict, elems: int) -> dict[str, int]:
+    """Bytes one rank sends per attention kind over the model (fp32, depth 2). `elems` = B * N_local * D."""
+    n, u, act = case["degree"], case["ulysses_degree"], elems * FP32
+    mode = case["mode"]
+    if mode == "switch":
+        return {"temporal/fwd": DEPTH * 4 * act * (n - 1) // n, "temporal/bwd": DEPTH * 4 * act * (n - 1) // n}
+    if mode == "ulysses" or (mode == "hybrid" and u == n):
+        per = DEPTH * 4 * act * (n - 1) // n
+        return {f"{k}/{d}": per for k in ("spatial", "temporal") for d in ("fwd", "bwd")}
+    u = u if mode == "hybrid" else 1
+    r = n // u
+    a2a = 4 * act * (u - 1) // u
+    fwd = DEPTH * (a2a + 2 * act * (r - 1))  # K/V pass r - 1 hops
+    bwd = DEPTH * (a2a + 2 * act * (r - 1) + 2 * act * r)  # K/V again, and dK/dV a full turn
+    return {f"{k}/{d}": v for k in ("spatial", "temporal") for d, v in (("fwd", fwd), ("bwd", bwd))}
+
+
+@pytest.mark.slow
+def test_bytes_match_formulas(results):
+    """The counter sees the real collectives: per-rank bytes equal the analytic volume of each mode.
+    Switch with padded positions sends more than its formula, so only its even cases are checked."""
+    for r in results:
+        case = r["case"]
+        if case.get("broken") or (case["mode"] == "switch" and (case["frames"], tuple(case["hw"])) != EVEN):
+            continue
+        sent = {k: v for k, v in r["bytes"].items() if not k.startswith("seq_out")}
+        assert sent == _expected(case, r["local_elems"]), _label(case)
+
+
+@pytest.mark.slow
+def test_switch_sends_half_of_ulysses(results):
+    by_mode = {r["case"]["mode"]: r for r in results if (r["case"]["frames"], tuple(r["case"]["hw"])) == EVEN and not r["case"].get("broken")}
+    core = {m: sum(v for k, v in r["bytes"].items() if not k.startswith("seq_out")) for m, r in by_mode.items()}
+    assert core["switch"] * 2 == core["ulysses"]
+
+
+# ---- tier 1: settings and layout arithmetic, no processes ------------------------------------------------
+
+
+def _sp(mode="ulysses", degree=4, ulysses_degree=1):
+    return SimpleNamespace(mode=mode, degree=degree, ulysses_degree=ulysses_degree)
+
+
+@pytest.mark.parametrize(
+    "cfg, world, setting",
+    [
+        (_sp(mode="zigzag"), 4, "parallel.sp.mode"),
+        (_sp(degree=3), 4, "parallel.sp.degree"),
+        (_sp(degree=0), 4, "parallel.sp.degree"),
+        (_sp(mode="hybrid", degree=4, ulysses_degree=3), 8, "parallel.sp.ulysses_degree"),
+    ],
+)
+def test_bad_settings_name_the_setting(cfg, world, setting):
+    from vgen.parallel.topology import sp_layout
+
+    with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
+        sp_layout(cfg, world)
+
+
+def test_layout_degrees():
+    from vgen.parallel.topology import sp_layout
+
+    assert sp_layout(_sp("ulysses", 4), 8) == (4, 1)
+    assert sp_layout(_sp("ring", 4), 8) == (1, 4)
+    assert sp_layout(_sp("hybrid", 4, 2), 8) == (2, 2)
+    assert sp_layout(_sp("switch", 2), 8) == (2, 1)
+
+
+def test_heads_must_split_over_ulysses():
+    from vgen.parallel.sequence import apply_sequence_parallel
+    from vgen.parallel.topology import Topology, check_heads
+
+    with pytest.raises(ValueError, match="model.heads=6"):
+        check_heads(6, "hybrid", 4)
+    check_heads(6, "switch", 4)  # switch scatters positions, not heads
+    check_heads(6, "ring", 1)
+    topo = Topology(world_size=4, rank=0, sp_size=4, sp_mode="ulysses", ulysses_size=4)
+    with pytest.raises(ValueError, match="model.heads=2"):
+        apply_sequence_parallel(tiny_model(heads=2), topo, _sp("ulysses", 4))
+
+
+def test_switch_fallback_needs_heads_to_split():
+    from vgen.models.attention import AttentionCore
+    from vgen.parallel.switch import SwitchCore
+
+    core = SwitchCore(AttentionCore("temporal"), group=None, sp_size=4)
+    q = torch.zeros(1, 4, 2, 8)  # 2 heads, 2 frames < degree 4: Ulysses fallback impossible
+    with pytest.raises(ValueError, match="parallel.sp.mode=switch"):
+        core(q, q, q, (2, 2, 2))
+
+
+def test_group_ranks():
+    from vgen.parallel.topology import group_ranks
+
+    g = group_ranks(8, 4, 2)
+    assert g["sp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert g["dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert g["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert g["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+
+
+def test_shard_plan_pads_tokens_or_frames():
+    from vgen.parallel.comm import shard_plan
+
+    p = shard_plan((5, 3, 3), 4, "ulysses")
+    assert (p.tokens, p.local, p.padded, p.by_frames) == (45, 12, 48, False)
+    p = shard_plan((5, 3, 3), 4, "switch")
+    assert (p.local, p.padded, p.frames_local, p.by_frames) == (18, 72, 2, True)
+    assert not shard_plan((3, 3, 3), 4, "switch").by_frames  # fewer frames than ranks: token shards

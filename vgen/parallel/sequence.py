@@ -1,0 +1,139 @@
+"""Sequence parallelism for the VideoDiT: the seams that split and gather the token sequence, and
+`apply_sequence_parallel`, which swaps every attention core for its mode's distributed version.
+
+Modes (`parallel.sp.mode`; details in the module of each):
+  ulysses  all-to-all around each self-attention core (vgen/parallel/ulysses.py); heads % degree == 0.
+  ring     K/V chunks around a P2P ring, log-sum-exp merge, overlapped (vgen/parallel/ring.py).
+  hybrid   Ulysses inside groups of `ulysses_degree` consecutive ranks, ring across them.
+  switch   frame shards; only the temporal core communicates (vgen/parallel/switch.py).
+Cross-attention never communicates: each token's text attention needs only its own query.
+
+The gradient contract (what the trainer must do):
+  * Data: every rank of an SP group gets the same sample, timestep, noise and caption dropout. Build the
+    loader from (topology.dp_rank, topology.dp_size) and seed per-step randomness from dp_rank, not rank
+    (or broadcast it with `sp_broadcast_`).
+  * `seq_in` keeps this rank's shard; its backward pads the shard's gradient with zeros, so parameters
+    used before the split (patch embedding, timestep and text embedders) get partial sums. `seq_out`
+    all-gathers after the final layer; its backward returns this rank's slice of the gradient, not a sum.
+    Hence every SP rank computes the same full output and loss, every parameter gradient on an SP rank is
+    a partial sum, and their sum over the SP group is the single-process gradient.
+  * DeepSpeed / ZeRO treats all world ranks as data parallel (no mpu) and averages gradients over the
+    world. Multiply the backward loss by `sp_loss_scale(topology)` (= sp_size): the world mean of
+    sp_size * partial sums is then the mean over data-parallel ranks of full gradients. Log the unscaled loss.
+  * Without DeepSpeed: call `reduce_sp_gradients(model, topology)` after backward (sums over the SP group),
+    then average over `topology.dp_group` as usual.
+Activation checkpointing may wrap blocks after this: the recomputation repeats the same collectives on
+every rank in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vgen.models.attention import AttentionCore
+from vgen.parallel.comm import gather_sequence, pad_dim, shard_plan, split_sequence
+from vgen.parallel.ring import RingCore, RingSpec
+from vgen.parallel.switch import SwitchCore
+from vgen.parallel.topology import Topology, check_heads
+from vgen.parallel.ulysses import UlyssesCore
+
+
+class SequenceSplit(nn.Module):
+    """`seq_in`: (B, N, D) tokens and (N, d/2) RoPE tables -> this rank's (B, N_local, D) shard and tables."""
+
+    def __init__(self, topology: Topology):
+        super().__init__()
+        self.sp_size, self.index, self.mode = topology.sp_size, topology.sp_rank, topology.sp_mode
+
+    def forward(self, x, rope=None, grid=None):
+        plan = shard_plan(tuple(grid), self.sp_size, self.mode)
+        x = split_sequence(x, plan, self.index)  # (B, N_local, D)
+        if rope is None:
+            return x
+        start = self.index * plan.local
+        # padding tokens get the identity rotation; their values never reach a real token
+        cos, sin = (pad_dim(t, plan.padded, 0, fill)[start : start + plan.local] for t, fill in zip(rope, (1.0, 0.0)))
+        return x, (cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"sp={self.sp_size}, index={self.index}, mode={self.mode}"
+
+
+class SequenceGather(nn.Module):
+    """`seq_out`: (B, N_local, C) shards -> (B, N, C) on every rank of the SP group, padding removed."""
+
+    def __init__(self, topology: Topology):
+        super().__init__()
+        self.sp_size, self.index, self.mode = topology.sp_size, topology.sp_rank, topology.sp_mode
+        self.group = topology.sp_group
+
+    def forward(self, x, rope=None, grid=None):
+        plan = shard_plan(tuple(grid), self.sp_size, self.mode)
+        return gather_sequence(x, plan, self.index, self.group)
+
+    def extra_repr(self) -> str:
+        return f"sp={self.sp_size}, mode={self.mode}"
+
+
+def make_core(local: AttentionCore, topology: Topology) -> nn.Module:
+    """The distributed replacement of one attention core for the topology's mode."""
+    mode, sp = topology.sp_mode, topology.sp_size
+    if mode == "switch":
+        return SwitchCore(local, topology.sp_group, sp)
+    if topology.ring_size == 1:  # ulysses, or hybrid with ulysses_degree == degree
+        return UlyssesCore(local, topology.sp_group, sp, mode)
+    spec = RingSpec(tuple(topology.ring_ranks), topology.ring_rank, topology.ring_group)
+    inner = topology.ulysses_group if topology.ulysses_size > 1 else None
+    return RingCore(local, spec, inner)
+
+
+def apply_sequence_parallel(model: nn.Module, topology: Topology, sp_cfg) -> nn.Module:
+    """Replace `model.seq_in` / `model.seq_out` and every AttentionCore in place; returns the model.
+
+    Args:
+        model: a VideoDiT (needs `cfg.heads`, `seq_in`, `seq_out`, cores that are AttentionCore modules).
+        topology: from build_topology(sp_cfg) on this rank.
+        sp_cfg: the `parallel.sp` config; must be the one the topology was built from.
+    """
+    if str(sp_cfg.mode) != topology.sp_mode or int(sp_cfg.degree) != topology.sp_size:
+        raise ValueError(
+            f"parallel.sp (mode={sp_cfg.mode}, degree={sp_cfg.degree}) does not match the topology "
+            f"(mode={topology.sp_mode}, sp_size={topology.sp_size}); build the topology from the same config"
+        )
+    if isinstance(model.seq_in, SequenceSplit):
+        raise RuntimeError("apply_sequence_parallel was already applied to this model")
+    check_heads(model.cfg.heads, topology.sp_mode, topology.ulysses_size)
+    if topology.sp_size == 1:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AttentionCore):  # same attribute name: checkpoint keys do not change
+                setattr(parent, name, make_core(child, topology))
+    model.seq_in, model.seq_out = SequenceSplit(topology), SequenceGather(topology)
+    return model
+
+
+def sp_loss_scale(topology: Topology) -> float:
+    """Factor for the backward loss under DeepSpeed's world-wide gradient averaging (see module docstring)."""
+    return float(topology.sp_size)
+
+
+@torch.no_grad()
+def reduce_sp_gradients(model: nn.Module, topology: Topology) -> None:
+    """Sum every parameter gradient over the SP group (for trainers that average over dp_group themselves)."""
+    if topology.sp_size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=topology.sp_group)
+
+
+@torch.no_grad()
+def sp_broadcast_(tensors, topology: Topology) -> None:
+    """Overwrite `tensors` on every SP rank with the first SP rank's values (same noise/timesteps/text)."""
+    if topology.sp_size == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=topology.sp_src, group=topology.sp_group)
