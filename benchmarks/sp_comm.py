@@ -79,7 +79,9 @@ def per_block(counts: dict, depth: int) -> dict:
 def _git_commit() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "vgen"], cwd=ROOT).returncode != 0
+        # only the code that decides the figures; other work in progress in the tree does not change them
+        paths = ["vgen/parallel", "vgen/models/dit.py", "vgen/models/attention.py", "benchmarks/sp_comm.py"]
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=ROOT).returncode != 0
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
