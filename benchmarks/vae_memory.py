@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", default=None, help="videos FRAMESxHEIGHTxWIDTH, comma-separated "
                    "(default CPU: 9x64x64,17x64x64,9x64x128,17x64x128; CUDA: 81x720x1280)")  # fmt: skip
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: 32 CPU, 256 CUDA)")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: tile / 4)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: ~tile / 4)")
     p.add_argument("--chunk", type=int, default=1, help="latent frames per temporal chunk")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best is kept)")
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     preset = args.preset or ("wan21" if gpu else "tiny")
     sizes = parse_sizes(args.sizes or ("81x720x1280" if gpu else "9x64x64,17x64x64,9x64x128,17x64x128"))
     tile = args.tile or (256 if gpu else 32)
-    overlap = args.overlap if args.overlap is not None else tile // 4
+    overlap = args.overlap if args.overlap is not None else tile // 32 * 8  # ~tile / 4, a multiple of 8
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
 
     torch.manual_seed(0)

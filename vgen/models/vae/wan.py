@@ -113,8 +113,9 @@ class WanVAE(nn.Module):
 
     `encode` returns the *normalised posterior mean*, (mu - latents_mean) / latents_std per channel (what
     the diffusion model trains on); `decode` takes that and returns a video clamped to [-1, 1]. Pass
-    normalize=False for raw latents (diffusers' `latent_dist.mean`). Both run under no_grad: vgen's VAE is
-    frozen; call `encoder`/`decoder` directly for gradients.
+    normalize=False for raw latents (diffusers' `latent_dist.mean`). Inputs are cast to the VAE's dtype, and
+    outputs come in it. Both run under no_grad: vgen's VAE is frozen; call `encoder`/`decoder` directly for
+    gradients.
     """
 
     def __init__(self, cfg: VAEConfig | None = None):
@@ -159,6 +160,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"video must be (B, {self.cfg.in_channels}, T, H, W); got {tuple(video.shape)}")
         c, t, h, w = self.latent_shape(*video.shape[-3:])
         tiling = (tiling or self.tiling).checked(self.spatial_ratio)
+        video = video.to(self.quant_conv.weight.dtype)  # e.g. fp32 clips into a bf16 VAE
 
         def stream(tile):
             cache = CausalCache()  # one per tile: each tile is its own causal pass over time
@@ -187,6 +189,7 @@ class WanVAE(nn.Module):
                 f"latent must be (B, {self.latent_channels}, T', H', W') with T', H', W' >= 1; "
                 f"got {tuple(latent.shape)}"
             )
+        latent = latent.to(self.post_quant_conv.weight.dtype)
         if normalize:
             latent = latent * self.latents_std + self.latents_mean
         b, _, t, h, w = latent.shape
