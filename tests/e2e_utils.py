@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    e.pop("WANDB_MODE", None)  # log.wandb decides (TINY disables it; never online in tests)
     e.pop("VGEN_FAULT_KILL_IN_CHECKPOINT", None)
     return e
 

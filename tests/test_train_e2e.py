@@ -56,7 +56,11 @@ def test_kill_during_checkpoint_resumes_from_previous_complete(tmp_path, shards)
 def test_torchrun_and_plain_python(tmp_path, shards):
     common = [f"data.path={shards}", "train.max_steps=2", "checkpoint.every_steps=0"]
     check(launch("torchrun", common + [f"run.dir={tmp_path / 'tr'}"]))
-    check(launch("python", common + [f"run.dir={tmp_path / 'py'}"]))
+    # plain python also makes samples during training and writes offline wandb logs
+    extras = ["sample.every_steps=2", "sample.steps=2", "sample.prompts=[a red circle moving left]", "log.wandb=offline"]
+    check(launch("python", common + [f"run.dir={tmp_path / 'py'}"] + extras))
+    assert (tmp_path / "py" / "samples" / "step00000002" / "000.mp4").is_file()
+    assert list((tmp_path / "py" / "wandb").glob("offline-run-*"))
     for name in ("tr", "py"):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
