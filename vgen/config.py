@@ -76,6 +76,11 @@ class DataConfig:
     make_demo: bool = False
     demo_clips: int = 512
     demo_clips_per_shard: int = 64
+    # launch/encode.py (videos at `path` -> latent shards): the output directory, clips per autoencoder
+    # call, and the storage dtype of latents and text ("float32" or "bfloat16")
+    encode_out: Optional[str] = None
+    encode_batch: int = 4
+    encode_dtype: str = "float32"
 
 
 @dataclass
