@@ -110,6 +110,9 @@ class TrainConfig:
     stop_after_step: Optional[int] = None
     grad_accum: int = 1
     ema_decay: float = 0.999
+    # "diffusion": the DiT with flow matching; "vae": the causal 3D VAE itself (L1 + kl_weight * KL)
+    task: str = "diffusion"
+    kl_weight: float = 1e-6
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -159,6 +162,10 @@ class MemoryConfig:
     mlp_chunks: int = 1
     policy: str = "manual"
     budget_gb: Optional[float] = None
+    # selective checkpointing: also recompute the MLP's matmuls instead of keeping their outputs
+    recompute_mlp: bool = False
+    # offload moves only saved tensors at least this large (smaller ones free too little to pay the copy)
+    offload_min_bytes: int = 1048576
 
 
 @dataclass
@@ -216,6 +223,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need more than types; each message names the setting."""
     _check(cfg.train.max_steps >= 1, "train.max_steps must be >= 1")
     _check(cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1")
+    _check(cfg.train.task in ("diffusion", "vae"), f"train.task={cfg.train.task!r} must be 'diffusion' or 'vae'")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps must be >= 1")

@@ -6,7 +6,6 @@ data path, model preset, checkpoint compatibility) is checked before the run dir
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import time
 from pathlib import Path
@@ -14,25 +13,15 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-
 from vgen.config import to_yaml
 from vgen.data.loader import build_loader
-from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift
 from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
 from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
 from vgen.train.ds_config import build_ds_config
 from vgen.train.ema import ShardedEMA
 from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
-
-
-def step_generator(seed: int, step: int, dp_rank: int, micro: int) -> torch.Generator:
-    """A generator for one micro-batch's timesteps, noise and caption dropout. Derived from its
-    position, not carried state, so a resumed run draws exactly what an uninterrupted one would, and
-    the ranks of one sequence-parallel group (same dp_rank) draw the same."""
-    digest = hashlib.sha256(f"{seed}:{step}:{dp_rank}:{micro}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+from vgen.train.tasks import build_task
 
 
 class Trainer:
@@ -43,9 +32,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         setup.set_determinism(cfg)
         self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
-        self.text_encoder, self.autoencoder = setup.build_frozen(cfg, self.device)
-        model = setup.build_model(cfg, self.text_encoder.dim, self.autoencoder.latent_channels)
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, setup.model_signature(model, cfg))
+        self.task = build_task(cfg, self.device, self.loader)
+        model = self.task.build_model()
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model))
         self.resume_tag = self.ckpt.latest_complete()
         if self.resume_tag:
             self.ckpt.check_compatible(self.resume_tag)
@@ -90,33 +79,12 @@ class Trainer:
         self.stop_requested = True  # checkpoint at the next step boundary, then exit (preemption)
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _prepare(self, batch, step: int, micro: int):
-        """Latents, text, timesteps and noise for one micro-batch (identical across an SP group)."""
-        gen = step_generator(self.cfg.run.seed, step, self.topo.dp_rank, micro)
-        captions = list(batch["caption"])
-        drop = torch.rand(len(captions), generator=gen) < self.cfg.text.dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        with torch.no_grad():
-            x0 = self.autoencoder.encode(batch["video"].to(self.device)).float()  # (B, C, T, H, W)
-            text, mask = self.text_encoder(captions)  # (B, L, dim), (B, L)
-        T, H, W = self.engine.module.token_grid(x0.shape)
-        tokens, self._latent_shape = T * H * W, tuple(x0.shape[1:])
-        d = self.cfg.diffusion
-        t = sample_timesteps(x0.shape[0], gen, timestep_shift(tokens, d.shift_base_tokens, d.shift_max), d.logit_mean, d.logit_std)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        t = t.to(self.device)
-        xt = add_noise(x0, noise, t)
-        return (xt.to(dtype), t, text.to(dtype), mask.to(self.device)), x0, noise, tokens
-
     def train_step(self) -> dict:
         step = self.step + 1
         start = time.perf_counter()
         losses, tokens = [], 0
         for micro in range(self.cfg.train.grad_accum):
-            inputs, x0, noise, tokens = self._prepare(next(self.loader), step, micro)
-            pred = self.engine(*inputs)
-            loss = flow_matching_loss(pred, x0, noise)
+            loss, tokens = self.task.loss(self.engine, next(self.loader), step, self.topo.dp_rank, micro)
             # SP ranks each hold partial-sum gradients and ZeRO averages over all ranks: scale back up
             self.engine.backward(loss * self.topo.sp_size)
             self.engine.step()
@@ -144,7 +112,7 @@ class Trainer:
             rec["mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             peak = gpu_peak_flops()
             if peak:
-                flops = self.engine.module.flops_per_sample(self._latent_shape, self.cfg.text.max_length)
+                flops = self.task.flops_per_sample(self.engine.module)
                 rec["mfu"] = flops * samples / seconds / (peak * self.topo.world_size)
         return rec
 
@@ -193,8 +161,8 @@ class Trainer:
         ema = self.ema.gather_full()
         if self.is_main:
             meta = {"step": str(self.step), "signature": str(self.ckpt.signature)}
-            export_safetensors(self.run_dir / "export" / "model.safetensors", raw, meta)
-            export_safetensors(self.run_dir / "export" / "ema.safetensors", ema, meta)
+            export_safetensors(self.run_dir / "export" / "model.safetensors", self.task.export_weights(raw), meta)
+            export_safetensors(self.run_dir / "export" / "ema.safetensors", self.task.export_weights(ema), meta)
         dist.barrier()
 
     def _gather_raw(self) -> dict:
@@ -205,10 +173,8 @@ class Trainer:
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
     def sample_during_training(self) -> None:
-        from vgen.sample import generate_to_dir
-
         out = self.run_dir / "samples" / f"step{self.step:08d}"
-        generate_to_dir(self.engine.module, self.text_encoder, self.autoencoder, self.cfg, out, write=self.is_main)
+        self.task.sample(self.engine.module, out, write=self.is_main)
         self.engine.module.train()
         self._log(f"samples written to {out}")
 
