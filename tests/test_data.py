@@ -106,7 +106,7 @@ def test_list_shards_forms_and_errors(demo_dir, tmp_path):
         build_loader(data_cfg(tmp_path / "nope"), 0, 1, seed=0)
     with pytest.raises(DataError, match="holds no .tar shards"):
         build_loader(data_cfg(tmp_path), 0, 1, seed=0)
-    with pytest.raises(NotImplementedError, match="latents"):
+    with pytest.raises(DataError, match="data.kind=latents"):  # video shards hold no latents_meta.json
         build_loader(data_cfg(demo_dir, kind="latents"), 0, 1, seed=0)
 
 

@@ -32,6 +32,10 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         setup.set_determinism(cfg)
         self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
+        if cfg.data.kind == "latents":
+            from vgen.data.latents import check_compatible
+
+            check_compatible(self.loader.meta, cfg)  # latents from another autoencoder/text setting
         self.task = build_task(cfg, self.device, self.loader)
         model = self.task.build_model()
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model))
