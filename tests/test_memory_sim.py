@@ -1,0 +1,180 @@
+"""The memory simulator against real CPU allocations, its frame sweep, ZeRO accounting, SP, and the planner.
+
+The independent measurement: torch.profiler with profile_memory=True records every allocation and free
+the c10 CPU allocator makes (kernel workspaces included) as "[memory]" events with signed byte counts;
+their running sum over one forward + backward, from a start with weights and batch already allocated, is
+the real peak the step added. The simulator sees only dispatcher-level storages of fake tensors, so the
+two share no code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from vgen.models.dit import VideoDiT
+from vgen.models.presets import resolve_preset
+from vgen.parallel import memory_sim
+from vgen.parallel.checkpointing import apply_memory_policy
+from vgen.parallel.memory_sim import FrameSweep, simulate, trace_step
+from vgen.parallel.planner import CANDIDATES, MemoryBudgetError, plan_memory
+
+torch.set_num_threads(1)
+TINY = resolve_preset("tiny", in_channels=4, text_dim=32, attention="sdpa")
+SHAPE, TEXT, BATCH = (4, 4, 16, 16), 6, 2  # (C, T, H, W): 256 tokens
+
+
+def mem_cfg(**kw):
+    base = dict(checkpointing="none", ratio=1.0, offload=False, mlp_chunks=1, recompute_mlp=False, offload_min_bytes=1 << 20)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def cpu_step_peak(mem) -> int:
+    """Peak bytes the CPU allocator held during one real forward + backward, above its starting level."""
+    torch.manual_seed(0)
+    model = VideoDiT(TINY)
+    if mem.checkpointing != "none" or mem.mlp_chunks > 1:
+        apply_memory_policy(model, mem)
+    x, target = torch.randn(BATCH, *SHAPE), torch.randn(BATCH, *SHAPE)
+    t, text = torch.rand(BATCH), torch.randn(BATCH, TEXT, 32)
+    mask = torch.ones(BATCH, TEXT, dtype=torch.bool)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = (model(x, t, text, mask).float() - target.float()).pow(2).mean()
+        loss.backward()
+        del loss
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("mem", [mem_cfg(), mem_cfg(checkpointing="block"), mem_cfg(checkpointing="selective"),
+                                 mem_cfg(checkpointing="ratio", ratio=0.5, mlp_chunks=4)],
+                         ids=["none", "block", "selective", "ratio_chunks"])
+def test_simulated_peak_matches_cpu_allocator(mem):
+    real = cpu_step_peak(mem)
+    sim = simulate(TINY, mem, SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32).step_peak_bytes
+    assert abs(sim - real) <= 0.05 * real, f"simulated {sim} vs real {real} bytes ({sim / real - 1:+.1%})"
+
+
+def test_categories_and_zero_accounting():
+    plain = simulate(TINY, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32, zero_stage=0)
+    n = sum(p.numel() for p in VideoDiT(TINY).parameters())
+    assert plain.by_category["parameters"] == 4 * n  # float32 weights, unsharded
+    assert plain.by_category["optimizer"] == 12 * n
+    assert plain.peak_bytes == sum(plain.by_category.values())
+    sharded = simulate(TINY, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32, zero_stage=3, world_size=4)
+    assert sharded.by_category["parameters"] == n and sharded.by_category["optimizer"] == 3 * n
+    block = simulate(TINY, mem_cfg(checkpointing="block"), SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32, zero_stage=0)
+    assert block.by_category["activations"] < 0.3 * plain.by_category["activations"]
+
+
+def test_offload_moves_block_inputs_off_the_device():
+    dit, shape = resolve_preset("tiny", in_channels=4, text_dim=32, depth=6), (4, 16, 32, 32)
+    kept = trace_step(dit, mem_cfg(checkpointing="block"), shape, TEXT, micro_batch=BATCH)
+    moved = trace_step(dit, mem_cfg(checkpointing="block", offload=True), shape, TEXT, micro_batch=BATCH)
+    block_input = BATCH * 4096 * 128 * 2  # (B, N, D) bf16, above the 1 MiB threshold
+    assert kept.live_at_backward_start() - moved.live_at_backward_start() == 6 * block_input
+    # the smallest threshold also moves nothing else: checkpointed blocks save only their inputs
+    tiny = trace_step(dit, mem_cfg(checkpointing="block", offload=True, offload_min_bytes=0), shape, TEXT, micro_batch=BATCH)
+    assert tiny.live_at_backward_start() == moved.live_at_backward_start()
+    assert moved.report().peak_bytes <= kept.report().peak_bytes
+
+
+def test_frame_sweep_is_exact():
+    mem = mem_cfg(checkpointing="selective", offload=True, mlp_chunks=4, offload_min_bytes=0)
+    traces = [trace_step(TINY, mem, (4, T, 8, 8), TEXT) for T in (4, 8, 14)]
+    sweep = FrameSweep(traces[0], traces[1])
+    assert sweep.exact_at(traces[2])
+    assert sweep.evaluate(14).peak_bytes == traces[2].report().peak_bytes
+    assert sweep.evaluate(14).tokens == 14 * 16
+
+
+def test_sequence_parallel_real_wrappers_and_stand_ins_agree():
+    dit = resolve_preset("tiny", in_channels=4, text_dim=32, depth=2)
+    one = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=1)
+    real = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=2)
+    original = memory_sim._fake_world
+    memory_sim._fake_world = lambda world: contextlib.nullcontext(False)  # as if distributed were running
+    try:
+        stand_in = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=2)
+    finally:
+        memory_sim._fake_world = original
+    assert not torch.distributed.is_initialized()
+    assert (real.sp_impl, stand_in.sp_impl) == ("fake process group", "stand-ins")
+    assert real.local_tokens == stand_in.local_tokens == one.tokens // 2
+    assert real.by_category["activations"] < 0.6 * one.by_category["activations"]
+    assert abs(stand_in.step_peak_bytes - real.step_peak_bytes) <= 0.1 * real.step_peak_bytes
+
+
+def planner_cfg(budget_gb):
+    memory = SimpleNamespace(checkpointing="auto", policy="auto", budget_gb=budget_gb, offload_min_bytes=0)
+    return SimpleNamespace(
+        model=SimpleNamespace(preset="tiny", hidden=None, depth=2, heads=None, mlp_ratio=None, patch=None),
+        data=SimpleNamespace(micro_batch=BATCH),
+        parallel=SimpleNamespace(zero_stage=0, sp=SimpleNamespace(degree=1, mode="ulysses"), memory=memory),
+    )
+
+
+def test_planner_picks_the_cheapest_fitting_policy():
+    shape = (4, 8, 16, 16)
+    lines = []
+    plain = plan_memory(planner_cfg(100.0), shape, TEXT, 1, text_dim=32, log=lines.append)
+    assert plain.checkpointing == "none" and len(lines) == 2  # one candidate tried, then the choice
+    block = simulate(resolve_preset("tiny", in_channels=4, text_dim=32, depth=2), mem_cfg(checkpointing="block"),
+                     shape, TEXT, micro_batch=BATCH, zero_stage=0)
+    budget = (plain.report.peak_bytes + block.peak_bytes) / 2 / 1e9  # plain does not fit, block does
+    plan = plan_memory(planner_cfg(budget), shape, TEXT, 1, text_dim=32, log=lines.append)
+    assert plan.name != "none" and plan.report.peak_gb <= budget
+    assert all("> " in line for line in plan.why[:-1]) and "<=" in plan.why[-1]  # all cheaper ones failed
+    names = [c[0] for c in CANDIDATES]
+    assert names.index(plan.name) <= names.index("block")
+
+
+def test_planner_rejects_an_impossible_budget():
+    with pytest.raises(MemoryBudgetError, match=r"budget_gb=0.001 GB.*smallest simulated peak"):
+        plan_memory(planner_cfg(0.001), (4, 4, 8, 8), TEXT, 1, text_dim=32, log=lambda line: None)
+    with pytest.raises(ValueError, match="budget_gb must be set"):
+        plan_memory(planner_cfg(None), (4, 4, 8, 8), TEXT, 1, text_dim=32)
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "max_seq_len.py"
+    spec = importlib.util.spec_from_file_location("max_seq_len", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bisection_finds_the_last_fitting_length_from_any_guess():
+    bisect = _benchmark().bisect_frames
+    for hi, limit in [(1, 0), (1, 1), (100, 0), (100, 37), (100, 100), (100, 250), (1000, 1)]:
+        for guess in (None, 1, limit - 3, limit, limit + 1, limit + 40, hi):
+            probes = []
+            got = bisect(lambda T: probes.append(T) or T <= limit, 1, hi, guess)
+            assert got == min(limit, hi) and all(1 <= T <= hi for T in probes), (hi, limit, guess, got)
+            if guess == limit and 1 < limit < hi:
+                assert len(probes) <= 3  # lo, the guess, the one above it
+
+
+def test_simulated_benchmark_writes_a_table(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    result = _benchmark().main(["--simulate", "model.preset=tiny", "model.depth=2", "--world-size", "2",
+                                "--budget-gb", "0.05", "--latent-hw", "16", "16", "--text-len", "8", "--max-frames", "256",
+                                "--policies", "plain", "checkpointing", "--out", str(out)])
+    rows = {(r["policy"], r["sp"]): r for r in result["rows"]}
+    assert set(rows) == {("plain", 1), ("checkpointing", 1), ("plain", 2), ("checkpointing", 2)}
+    for r in rows.values():
+        assert 0 < r["peak_gb"] <= 0.05 and r["tokens"] == r["frames"] * 64  # 16x16 latent, 2x2 patches
+    assert rows[("checkpointing", 1)]["frames"] > rows[("plain", 1)]["frames"]
+    assert rows[("plain", 2)]["frames"] > rows[("plain", 1)]["frames"]
+    assert out.exists() and "max tokens per GPU budget" in capsys.readouterr().out

@@ -1,0 +1,219 @@
+"""Activation checkpointing and MLP chunking, applied per block in place.
+
+Policies (`parallel.memory.checkpointing`):
+  none       keep every activation;
+  block      recompute every block in backward (saves only each block's inputs);
+  ratio      checkpoint round(ratio * depth) blocks spread evenly (ratio 1/k = every k-th block), the
+             LiteGen trade between memory and recomputation;
+  selective  checkpoint every block but keep, per op, the outputs of attention kernels, collectives and
+             matmuls (optionally not the MLP's); recompute only the cheap pointwise ops (norms, adaLN
+             modulation, RoPE, GELU), which hold most of the activation bytes for little compute.
+
+Whole blocks are wrapped, so the recomputation also replays whatever sequence parallelism put inside the
+block (its collectives run again in the same order on every rank). Wrapping replaces the instance's
+`forward` with a small callable object and adds no submodules, so state_dict keys never change; the
+objects deep-copy with their block (copy.deepcopy re-binds the method to the copy).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+POLICIES = ("none", "block", "ratio", "selective")
+_WRAPPED = "_vgen_memory_wrapped"
+
+# Ops whose outputs selective checkpointing keeps. Attention kernels are the expensive part of a block;
+# collectives must not run twice (the functional ones return fresh tensors, so caching them is safe;
+# in-place c10d collectives are recomputed, which is correct, only slower).
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._flash_attention_forward.default,
+    torch.ops.aten._efficient_attention_forward.default,
+}
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.baddbmm.default}
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_functional_autograd")
+
+_state = threading.local()  # depth of MLP calls on this thread, read by the selective policy
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one block does to save memory."""
+
+    checkpoint: str = "none"  # "none" | "full" | "selective"
+    recompute_mlp: bool = False  # selective only: recompute the MLP's matmuls too
+    mlp_chunks: int = 1
+    offload: bool = False
+
+
+def checkpointed_blocks(depth: int, mode: str, ratio: float = 1.0) -> list[bool]:
+    """Which of `depth` blocks to checkpoint under policy `mode`; "ratio" spreads the chosen blocks evenly."""
+    if mode not in POLICIES:
+        raise ValueError(f"parallel.memory.checkpointing={mode!r} must be one of {POLICIES} (or 'auto' with the planner)")
+    if mode == "none":
+        return [False] * depth
+    if mode != "ratio":
+        return [True] * depth
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"parallel.memory.ratio={ratio} must be in [0, 1]")
+    # block i is chosen when the running count floor((i + 1) * ratio) steps up: ratio 1/3 -> blocks 2, 5, 8...
+    return [int((i + 1) * ratio + 1e-9) > int(i * ratio + 1e-9) for i in range(depth)]
+
+
+def block_plans(mem, depth: int) -> list[BlockPlan]:
+    """The per-block plan for a `parallel.memory` config section."""
+    if mem.checkpointing == "auto":
+        raise ValueError("parallel.memory.checkpointing='auto' must be resolved by vgen.parallel.planner.plan_memory first")
+    if int(mem.mlp_chunks) < 1:
+        raise ValueError(f"parallel.memory.mlp_chunks={mem.mlp_chunks} must be >= 1")
+    kind = "selective" if mem.checkpointing == "selective" else "full"
+    marks = checkpointed_blocks(depth, mem.checkpointing, float(mem.ratio))
+    recompute_mlp = bool(getattr(mem, "recompute_mlp", False))
+    return [
+        BlockPlan(kind if m else "none", recompute_mlp, int(mem.mlp_chunks), bool(mem.offload)) for m in marks
+    ]
+
+
+def apply_memory_policy(model: nn.Module, mem) -> nn.Module:
+    """Wrap `model.blocks` in place according to `mem` (a MemoryConfig or anything with its fields).
+
+    Call after sequence parallelism, so checkpointed blocks recompute its communication too.
+    """
+    from vgen.parallel.offload import ActivationOffloader
+
+    plans = block_plans(mem, len(model.blocks))
+    offloader = None
+    if any(p.offload for p in plans):
+        offloader = ActivationOffloader(min_bytes=int(getattr(mem, "offload_min_bytes", 1 << 20)))
+    for block, plan in zip(model.blocks, plans):
+        wrap_block(block, plan, offloader)
+    model.memory_offloader = offloader  # plain attribute (not a module): state_dict is unchanged
+    return model
+
+
+def wrap_block(block: nn.Module, plan: BlockPlan, offloader=None) -> None:
+    """Apply `plan` to one block in place (its `mlp` is chunked/tagged, its forward checkpointed)."""
+    if getattr(block, _WRAPPED, False):
+        raise RuntimeError("apply_memory_policy was already applied to this block")
+    setattr(block, _WRAPPED, True)
+    mlp = getattr(block, "mlp", None)
+    if mlp is not None and (plan.mlp_chunks > 1 or plan.checkpoint == "selective"):
+        mlp.forward = _MLPForward(mlp.forward, plan.mlp_chunks)
+    if plan.checkpoint != "none" or plan.offload:
+        block.forward = _BlockForward(block, block.forward, plan, offloader if plan.offload else None)
+
+
+class _BlockForward:
+    """The block's forward under checkpointing and/or activation offload."""
+
+    def __init__(self, block: nn.Module, inner, plan: BlockPlan, offloader):
+        self.block, self.inner, self.plan, self.offloader = block, inner, plan, offloader
+
+    def __call__(self, *args, **kwargs):
+        if self.offloader is None or not torch.is_grad_enabled():
+            return self._run(*args, **kwargs)
+        # the checkpoint's saved inputs (and, unchecked, every saved activation) pass through these hooks;
+        # the other block arguments (conditioning, text, RoPE tables) are shared by all blocks: keep them
+        keep = list(args[1:]) + list(kwargs.values())
+        with self.offloader.block_scope(self.block, keep):
+            return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
+        if self.plan.checkpoint == "none":
+            return self.inner(*args, **kwargs)
+        if self.plan.checkpoint == "selective":
+            policy = _SelectivePolicy(self.plan.recompute_mlp, self.plan.mlp_chunks > 1)
+            kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+class _SelectivePolicy:
+    """Per op: keep attention, collective and matmul outputs; recompute the rest (and, optionally, the MLP)."""
+
+    def __init__(self, recompute_mlp: bool, mlp_chunked: bool):
+        self.recompute_mlp, self.mlp_chunked = recompute_mlp, mlp_chunked
+
+    def __call__(self, ctx, op, *args, **kwargs):
+        in_mlp = getattr(_state, "mlp_depth", 0) > 0
+        if in_mlp and self.mlp_chunked:
+            # the chunked MLP already holds only its input; caching its per-chunk outputs would undo that
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if op in _ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        if op.namespace in _COLLECTIVE_NAMESPACES and "wait" not in op.name():
+            return CheckpointPolicy.MUST_SAVE
+        if op in _MATMUL_OPS and not (in_mlp and self.recompute_mlp):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _MLPForward:
+    """The MLP's forward, tagged for the selective policy and optionally chunked over the sequence."""
+
+    def __init__(self, inner, chunks: int):
+        self.inner, self.chunks = inner, chunks
+
+    def __call__(self, x):
+        _state.mlp_depth = getattr(_state, "mlp_depth", 0) + 1
+        try:
+            if self.chunks <= 1 or x.dim() < 3:
+                return self.inner(x)
+            params = tuple(p for p in self.inner.__self__.parameters() if p.requires_grad)
+            return _ChunkedMLP.apply(x, self.inner, self.chunks, *params)
+        finally:
+            _state.mlp_depth -= 1
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """y = mlp(x) computed `chunks` slices of the sequence (dim 1) at a time, in forward and backward.
+
+    Saves only x; backward recomputes each slice and differentiates it alone, so the MLP's hidden
+    activations (4x the width) never exist for more than one slice. Parameter gradients are summed here
+    and returned once, so autograd accumulates (and ZeRO's hooks fire) once per step, not per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn, chunks, *params):
+        ctx.fn, ctx.chunks, ctx.params = fn, chunks, params
+        ctx.save_for_backward(x)
+        out = None
+        with torch.no_grad():
+            for sl in _slices(x.shape[1], chunks):
+                y = fn(x[:, sl])  # (B, n_chunk, D_out)
+                if out is None:
+                    out = y.new_empty(x.shape[:-1] + y.shape[-1:])
+                out[:, sl] = y
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        params = list(ctx.params)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_params = [None] * len(params)
+        for sl in _slices(x.shape[1], ctx.chunks):
+            xc = x[:, sl].detach().requires_grad_(grad_x is not None)
+            with torch.enable_grad():
+                y = ctx.fn(xc)
+            inputs = ([xc] if grad_x is not None else []) + params
+            grads = list(torch.autograd.grad(y, inputs, grad_out[:, sl], allow_unused=True))
+            if grad_x is not None:
+                grad_x[:, sl] = grads.pop(0)
+            grad_params = [g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grad_params, grads)]
+        return (grad_x, None, None, *grad_params)
+
+
+def _slices(n, chunks: int) -> list[slice]:
+    # chunk sizes equal to within one token
+    chunks = min(chunks, n)
+    return [slice(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]

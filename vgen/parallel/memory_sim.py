@@ -1,0 +1,408 @@
+"""Per-rank training memory of any model size, world size and SP degree, simulated on a CPU.
+
+The real VideoDiT is built under FakeTensorMode (tensors with shapes, dtypes and storages but no data),
+the memory policy is applied with the real apply_memory_policy, and one real training step's forward and
+backward runs. A TorchDispatchMode sees every op's outputs; each new storage is recorded with the op
+count at which it appeared, and a weakref finalizer on the storage records when it died. Replaying those
+records gives live bytes over time, split into:
+  parameters   the model's weights (bf16; 1/world under ZeRO-3)
+  gradients    storages that end up as a parameter's .grad (bf16, 1/world under ZeRO-2/3, since DeepSpeed
+               reduces them bucket by bucket into the rank's partition) plus the fp32 gradient partition
+  optimizer    fp32 master weights + AdamW moments: 12 bytes/parameter, 1/world for ZeRO >= 1
+  activations  storages made in forward that are still alive when backward starts
+  temporaries  everything else (transient forward buffers, backward intermediates, recomputation)
+Static parts (optimizer, fp32 partitions) are analytic; everything the step allocates is measured.
+
+Sequence parallelism: the real wrappers (vgen/parallel/sequence.py) run on a fake process group of the
+job's world size (torch's "fake" backend: collectives return at once and fake tensors carry the shapes),
+this process acting as rank 0; ranks are symmetric. Where torch.distributed is already initialised (the
+planner inside a training job) shape-faithful Ulysses stand-ins replace the seams and attention cores
+instead: each collective becomes an autograd op returning a new buffer of its output shape plus the
+packing copy an all-to-all makes. Ring attention picks K/V blocks from data and cannot run on fake tensors.
+Kernel-internal workspaces (cuBLAS, flash-attention scratch) are invisible to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from vgen.models.dit import VideoDiT
+from vgen.models.presets import DiTConfig
+from vgen.parallel.checkpointing import apply_memory_policy
+from vgen.parallel.offload import storage_key
+
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+GB = 1e9  # decimal, like the trainer's mem_peak_gb and parallel.memory.budget_gb
+
+
+@dataclass
+class MemoryReport:
+    """One rank's simulated peak and its split by category at the moment of the peak (bytes)."""
+
+    peak_bytes: int
+    by_category: dict
+    step_peak_bytes: int  # peak of what the step itself allocated (excludes weights and the batch)
+    tokens: int  # whole sequence per sample (T * H * W after patching)
+    local_tokens: int
+    world_size: int = 1
+    sp: int = 1
+    zero_stage: int = 2
+    sp_impl: str = "none"  # "fake process group" (the real SP wrappers) or "stand-ins"
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.by_category.items())
+        return f"peak {self.peak_gb:.2f} GB ({parts}) for {self.tokens} tokens, sp={self.sp}, world={self.world_size}"
+
+
+class _Record:
+    __slots__ = ("nbytes", "start", "end", "phase", "category")
+
+    def __init__(self, nbytes, start, phase, category=None):
+        self.nbytes, self.start, self.end, self.phase, self.category = nbytes, start, None, phase, category
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records when every storage an op creates is born and dies, counted in ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock, self.phase, self.ignore, self.closed = 0, "forward", False, False
+        self.live: dict[int, _Record] = {}
+        self.dead: list[_Record] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.ignore:
+            return out
+        self.clock += 1
+        inputs = {storage_key(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and storage_key(t) not in inputs:  # views alias an input
+                self.register(t)
+        return out
+
+    def register(self, t: torch.Tensor, category: str | None = None) -> None:
+        key = storage_key(t)
+        if key in self.live:
+            return
+        storage = t.untyped_storage()
+        self.live[key] = _Record(int(storage.nbytes()), self.clock, self.phase, category)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        if self.closed:  # the step is over: what dies after it (the model) is not part of it
+            return
+        rec = self.live.pop(key, None)
+        if rec is not None:
+            rec.end = self.clock
+            self.dead.append(rec)
+
+    def records(self) -> list[_Record]:
+        return self.dead + list(self.live.values())
+
+
+class _ShapeOnly(torch.autograd.Function):
+    """A collective's memory without its data: a packing copy and an output of `shape`, both ways."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.in_shape = x.shape
+        packed = torch.empty_like(x)  # all-to-all sends a contiguous, rank-major copy
+        del packed
+        return x.new_empty(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed = torch.empty_like(grad)
+        del packed
+        return grad.new_empty(ctx.in_shape), None
+
+
+class _UlyssesShapes(nn.Module):
+    """Stand-in for a Ulysses-wrapped attention core: (B, N/sp, h) in and out, (B, N, h/sp) inside."""
+
+    def __init__(self, inner: nn.Module, sp: int):
+        super().__init__()
+        self.inner, self.sp = inner, sp
+
+    def forward(self, q, k, v, grid, kv_mask=None):
+        if self.inner.kind == "cross":  # a token's text attention needs only its own query: no collective
+            return self.inner(q, k, v, grid, kv_mask=kv_mask)
+        B, n, h, d = q.shape
+        full = (B, n * self.sp, h // self.sp, d)
+        q, k, v = (_ShapeOnly.apply(t, full) for t in (q, k, v))
+        out = self.inner(q, k, v, grid)  # (B, N, h/sp, d)
+        return _ShapeOnly.apply(out, (B, n, h, d))
+
+
+class _SeamShapes(nn.Module):
+    """Stand-in for seq_in (split: keep N/sp tokens and RoPE rows) or seq_out (gather all N)."""
+
+    def __init__(self, sp: int, split: bool):
+        super().__init__()
+        self.sp, self.split = sp, split
+
+    def forward(self, x, rope=None, grid=None):
+        B, n, C = x.shape
+        x = _ShapeOnly.apply(x, (B, n // self.sp if self.split else n * self.sp, C))
+        return x if rope is None else (x, tuple(r[: n // self.sp] for r in rope))
+
+
+def install_sp_shapes(model: VideoDiT, sp: int) -> None:
+    """Give a fake model the per-rank shapes of Ulysses sequence parallelism of degree `sp`."""
+    if model.cfg.heads % sp:
+        raise ValueError(f"sp degree {sp} must divide the head count {model.cfg.heads}")
+    model.seq_in, model.seq_out = _SeamShapes(sp, split=True), _SeamShapes(sp, split=False)
+    for block in model.blocks:
+        for attn in (block.spatial, block.cross, block.temporal):
+            attn.core = _UlyssesShapes(attn.core, sp)
+
+
+def zero_static_bytes(n_params: int, zero_stage: int, world: int) -> tuple[dict, float, float]:
+    """DeepSpeed bf16 + AdamW under ZeRO: (static bytes by category, scale of bf16 weights, of bf16 grads).
+
+    fp32 master weights and both moments (12 B/param) and the fp32 gradient partition (4 B/param) are
+    sharded from stage 1; bf16 gradients from stage 2 (each rank keeps 1/world plus one reduce bucket,
+    DeepSpeed's default 5e8 elements); bf16 weights from stage 3. ZeRO shards over every rank.
+    """
+    shard = world if zero_stage >= 1 else 1
+    static = {"optimizer": 12 * n_params // shard, "gradients": 4 * n_params // shard}
+    grad_scale = 1.0
+    if zero_stage >= 2 and world > 1:
+        grad_scale = 1.0 / world
+        static["gradients"] += 2 * min(n_params, 500_000_000)
+    return static, (1.0 / world if zero_stage >= 3 else 1.0), grad_scale
+
+
+@dataclass
+class StepTrace:
+    """The storages one simulated training step created, in op order, with their sizes."""
+
+    records: list
+    sizes: list  # bytes of each record
+    fwd_end: int
+    frames: int  # latent frames traced
+    n_params: int
+    grid_hw: int  # tokens per latent frame group after patching
+    patch_t: int
+    sp: int
+    world_size: int
+    zero_stage: int
+    sp_impl: str = "none"
+
+    def report(self, sizes=None, frames=None) -> MemoryReport:
+        static, param_scale, grad_scale = zero_static_bytes(self.n_params, self.zero_stage, self.world_size)
+        sizes = self.sizes if sizes is None else sizes
+        peak, cats, step_peak = _replay(self.records, sizes, self.fwd_end, static, param_scale, grad_scale)
+        tokens = (self.frames if frames is None else frames) // self.patch_t * self.grid_hw
+        return MemoryReport(peak, cats, step_peak, tokens, tokens // self.sp, self.world_size, self.sp,
+                            self.zero_stage, self.sp_impl)
+
+    def live_at_backward_start(self) -> int:
+        """Bytes the step allocated that are alive when backward starts: what forward left for backward."""
+        return sum(n for r, n in zip(self.records, self.sizes)
+                   if r.category is None and r.start <= self.fwd_end and (r.end is None or r.end > self.fwd_end))
+
+
+class FrameSweep:
+    """Memory at any frame count from two traces of the same step.
+
+    At a fixed resolution the op sequence of a step does not depend on the frame count, and every
+    storage's size is affine in it (flash attention is linear in length; temporal attention runs B*H*W
+    sequences of T). Two traces at different lengths therefore give every size at every length, so a
+    bisection over lengths costs two traces; `exact_at` checks the claim against a third. It holds when
+    the tokens of one latent frame split evenly over the SP degree and the MLP chunks (otherwise shard and
+    chunk sizes round, and results are off by a token's bytes per tensor).
+    """
+
+    def __init__(self, a: StepTrace, b: StepTrace):
+        if [(r.start, r.end, r.category) for r in a.records] != [(r.start, r.end, r.category) for r in b.records]:
+            raise ValueError(f"steps at {a.frames} and {b.frames} frames ran different ops; simulate each length")
+        self.a, self.b = a, b
+        self.span = b.frames // b.patch_t - a.frames // a.patch_t
+
+    def sizes(self, frames: int) -> list[int]:
+        k = frames // self.a.patch_t - self.a.frames // self.a.patch_t
+        return [sa + (sb - sa) * k // self.span for sa, sb in zip(self.a.sizes, self.b.sizes)]
+
+    def evaluate(self, frames: int) -> MemoryReport:
+        return self.a.report(self.sizes(frames), frames)
+
+    def exact_at(self, trace: StepTrace) -> bool:
+        return self.sizes(trace.frames) == trace.sizes
+
+
+def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: int = 1, world_size: int = 1,
+               sp: int = 1, zero_stage: int = 2, dtype: torch.dtype = torch.bfloat16, sp_mode: str = "ulysses") -> StepTrace:
+    """Run one fake training step (forward and backward) of one rank and record its storages.
+
+    Args:
+        dit: the model's DiTConfig (e.g. resolve_preset("2b")).
+        mem: a MemoryConfig-like policy (checkpointing, ratio, offload, mlp_chunks, ...), or None.
+        latent_shape: (C, T, H, W) or (T, H, W) of one latent video (channels from `dit` if absent).
+        world_size, sp: ranks in the job and the sequence-parallel degree (sp divides world_size).
+        zero_stage: DeepSpeed ZeRO stage (sharded over all ranks).
+        dtype: bf16 for GPU estimates; float32 to compare with a CPU run.
+        sp_mode: "ulysses" or "switch" (ring attention picks K/V blocks from data, which fake tensors lack).
+    """
+    if world_size % sp:
+        raise ValueError(f"sp degree {sp} must divide world size {world_size}")
+    C, T, H, W = tuple(latent_shape) if len(latent_shape) == 4 else (dit.in_channels, *latent_shape)
+    dit = replace(dit, in_channels=C)
+    with _fake_world(world_size if sp > 1 else 1) as real_sp, FakeTensorMode():
+        model = _build(dit, dtype)
+        gt, gh, gw = model.token_grid((T, H, W))
+        sp_impl = _parallelize(model, sp, sp_mode, real_sp, gt * gh * gw) if sp > 1 else "none"
+        if _memory_on(mem):
+            apply_memory_policy(model, mem)
+        tracker = StorageTracker()
+        _untrack_host_buffers(model, tracker)
+        x = torch.empty(micro_batch, C, T, H, W, dtype=dtype)
+        batch = (x, torch.empty(micro_batch), torch.empty(micro_batch, text_len, dit.text_dim, dtype=dtype),
+                 torch.ones(micro_batch, text_len, dtype=torch.bool), torch.empty_like(x))
+        records, fwd_end = _run_step(model, batch, tracker)
+        n_params = sum(p.numel() for p in model.parameters())
+    sizes = [r.nbytes for r in records]
+    return StepTrace(records, sizes, fwd_end, T, n_params, gh * gw, dit.patch[0], sp, world_size, zero_stage, sp_impl)
+
+
+def simulate(dit: DiTConfig, mem, latent_shape, text_len: int, **kw) -> MemoryReport:
+    """One rank's memory for one training step at `latent_shape`; keyword arguments as trace_step."""
+    return trace_step(dit, mem, latent_shape, text_len, **kw).report()
+
+
+def sweep(dit: DiTConfig, mem, latent_hw, text_len: int, frames=(16, 32), **kw) -> FrameSweep:
+    """A FrameSweep over latent frame counts at resolution `latent_hw`, (C, H, W) or (H, W)."""
+    hw = tuple(latent_hw)
+    shapes = [(hw[0], T, *hw[1:]) if len(hw) == 3 else (T, *hw) for T in frames]
+    return FrameSweep(*(trace_step(dit, mem, shape, text_len, **kw) for shape in shapes))
+
+
+@contextlib.contextmanager
+def _fake_world(world_size: int):
+    """A fake default process group of `world_size` ranks (this process is rank 0), so the real
+    sequence-parallel wrappers run; yields False (use stand-ins) where torch.distributed is already up."""
+    if world_size == 1 or dist.is_initialized() or not dist.is_available():
+        yield False
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def _parallelize(model: VideoDiT, sp: int, mode: str, real_sp: bool, tokens: int) -> str:
+    """Sequence parallelism on the fake model; returns which implementation ran."""
+    if mode in ("ring", "hybrid"):
+        raise ValueError(f"sp mode {mode!r} cannot be simulated: ring attention selects K/V blocks from data")
+    try:
+        from vgen.parallel.sequence import apply_sequence_parallel
+        from vgen.parallel.topology import build_topology
+    except ImportError:
+        real_sp = False
+    if real_sp:
+        cfg = SimpleNamespace(degree=sp, mode=mode, ulysses_degree=sp)
+        apply_sequence_parallel(model, build_topology(cfg), cfg)
+        return "fake process group"
+    if mode != "ulysses" or tokens % sp:
+        raise ValueError(f"the SP stand-ins model Ulysses with {tokens} tokens divisible by sp={sp}; got {mode!r}")
+    install_sp_shapes(model, sp)
+    return "stand-ins"
+
+
+def _build(dit: DiTConfig, dtype: torch.dtype) -> VideoDiT:
+    # the default dtype, not .to(dtype): Module.to cannot swap fake parameters in place
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return VideoDiT(dit)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _memory_on(mem) -> bool:
+    return mem is not None and (mem.checkpointing != "none" or mem.offload or int(mem.mlp_chunks) > 1)
+
+
+def _untrack_host_buffers(model, tracker: StorageTracker) -> None:
+    """Offloaded activations live in host memory: allocate the pool's buffers outside the accounting."""
+    offloader = getattr(model, "memory_offloader", None)
+    if offloader is None:
+        return
+    allocate = offloader.pool.allocate
+
+    def host_allocate(nbytes):
+        tracker.ignore = True
+        try:
+            return allocate(nbytes)
+        finally:
+            tracker.ignore = False
+
+    offloader.pool.allocate = host_allocate
+
+
+def _run_step(model, batch, tracker: StorageTracker):
+    for p in model.parameters():
+        tracker.register(p, "parameters")
+    for t in batch:
+        tracker.register(t, "activations")
+    x, t, text, mask, target = batch
+    gc.collect()
+    gc.disable()  # frees must follow reference counts, not the collector's timing, to be reproducible
+    try:
+        with tracker:
+            loss = (model(x, t, text, mask).float() - target.float()).pow(2).mean()
+            fwd_end = tracker.clock
+            tracker.phase = "backward"
+            loss.backward()
+            del loss
+    finally:
+        gc.enable()
+    tracker.closed = True
+    for p in model.parameters():
+        if p.grad is not None and storage_key(p.grad) in tracker.live:
+            tracker.live[storage_key(p.grad)].category = "gradients"
+    return tracker.records(), fwd_end
+
+
+def _replay(records, sizes, fwd_end: int, static: dict, param_scale: float, grad_scale: float):
+    """Walk allocations and frees in op order; return (peak, categories at the peak, step-only peak)."""
+    events = []
+    for r, n in zip(records, sizes):
+        cat = r.category or ("activations" if r.phase == "forward" and (r.end is None or r.end > fwd_end) else "temporaries")
+        step = r.category in (None, "gradients")  # allocated by the step itself
+        events.append((r.start, 0, cat, n, step))
+        if r.end is not None:
+            events.append((r.end, 1, cat, -n, step))
+    events.sort(key=lambda e: (e[0], e[1]))
+    scale = {"parameters": param_scale, "gradients": grad_scale}
+    live = dict.fromkeys(CATEGORIES, 0.0)
+    base = sum(static.values())
+    best, best_cats, step_live, step_peak = -1.0, None, 0, 0
+    for _, _, cat, nbytes, step in events:
+        live[cat] += nbytes * scale.get(cat, 1.0)
+        if step:
+            step_live += nbytes
+            step_peak = max(step_peak, step_live)
+        total = base + sum(live.values())
+        if total > best:
+            best, best_cats = total, {k: int(live[k] + static.get(k, 0)) for k in CATEGORIES}
+    return int(best), best_cats, int(step_peak)
