@@ -45,6 +45,11 @@ class MemoryPlan:
     report: Optional[MemoryReport] = None
     why: list = field(default_factory=list)
 
+    def settings(self) -> dict:
+        """The MemoryConfig fields, e.g. to merge into cfg.parallel.memory before parallelize()."""
+        keys = ("checkpointing", "ratio", "offload", "mlp_chunks", "recompute_mlp", "offload_min_bytes", "policy", "budget_gb")
+        return {k: getattr(self, k) for k in keys}
+
 
 class MemoryBudgetError(RuntimeError):
     """No policy fits the budget; the message names the budget and the smallest peak found."""
