@@ -84,10 +84,11 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, shards):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("model.preset=huge", "model.preset='huge' does not exist"), ("data.path=/nonexistent/x data.make_demo=false", "data.path="),
+    [("model.preset=huge", "model.preset='huge' does not exist"), ("data.path=MISSING data.make_demo=false", "data.path="),
      ("parallel.zero_stage=5", "parallel.zero_stage"), ("train.max_stepz=3", "max_stepz")],
 )
 def test_bad_input_fails_with_named_setting(tmp_path, override, message):
+    override = override.replace("MISSING", str(tmp_path / "missing"))
     proc = launch("python", [f"run.dir={tmp_path / 'r'}", *override.split()])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
