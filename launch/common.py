@@ -25,9 +25,10 @@ def run_cli(main) -> None:
     """Run `main()`; bad input exits with status 2 and one line naming the problem, not a traceback."""
     from vgen.config import ConfigError
     from vgen.data.shards import DataError
+    from vgen.parallel.planner import MemoryBudgetError
 
     try:
         main()
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, MemoryBudgetError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -94,3 +94,13 @@ def test_bad_input_fails_with_named_setting(tmp_path, override, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_memory_policy_auto_plans_and_trains_or_refuses(tmp_path, shards):
+    common = [f"data.path={shards}", "train.max_steps=1", "checkpoint.every_steps=0", "parallel.memory.policy=auto"]
+    proc = launch("python", common + [f"run.dir={tmp_path / 'ok'}", "parallel.memory.budget_gb=10"])
+    check(proc)
+    assert "memory plan:" in proc.stdout
+    proc = launch("python", common + [f"run.dir={tmp_path / 'no'}", "parallel.memory.budget_gb=0.00001"])
+    assert proc.returncode == 2 and "budget_gb" in proc.stderr
+    assert not (tmp_path / "no").exists()

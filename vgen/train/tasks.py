@@ -43,6 +43,13 @@ class DiffusionTask:
         torch.manual_seed(self.cfg.run.seed)  # every rank starts from the same weights
         return build_dit(self.cfg.model, in_channels=self.autoencoder.latent_channels, text_dim=self.text_encoder.dim)
 
+    def config_latent_shape(self) -> tuple[int, ...]:
+        """(C, T, H, W) of one training latent, known before any batch is read."""
+        if self.cfg.data.kind == "latents":
+            return tuple(self.loader.meta["latent_shape"])
+        d = self.cfg.data
+        return tuple(self.autoencoder.latent_shape(d.num_frames, d.height, d.width))
+
     def signature(self, model) -> dict:
         """The settings a checkpoint must share with the config to be loaded into this model."""
         sig = {f"model.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model.cfg).items() if k != "attention"}

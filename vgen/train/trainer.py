@@ -42,6 +42,7 @@ class Trainer:
         self.resume_tag = self.ckpt.latest_complete()
         if self.resume_tag:
             self.ckpt.check_compatible(self.resume_tag)
+        self._plan_memory(model)
         parallelize(model, cfg, self.topo)
         ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda")
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
@@ -51,6 +52,18 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_main, cfg.train.max_steps, self.step)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _plan_memory(self, model) -> None:
+        """parallel.memory.policy=auto: the planner picks checkpointing/offload/chunking for the budget."""
+        mem = self.cfg.parallel.memory
+        if mem.policy != "auto" and mem.checkpointing != "auto":
+            return
+        from vgen.parallel.planner import resolve_memory
+
+        plan = resolve_memory(self.cfg, self.task.config_latent_shape(), self.cfg.text.max_length,
+                              self.topo.world_size, text_dim=model.cfg.text_dim, log=self._log)
+        mem.merge_with(plan.settings())
+        self._log(f"memory plan: {plan.settings()}")
 
     # ---- resume and run files -------------------------------------------------------------------------
     def _resume(self) -> int:
