@@ -3,8 +3,14 @@
     python launch/sample.py run.dir=runs/demo 'prompts=["a red circle moving left"]'
     python launch/sample.py run.dir=runs/demo sample.steps=30 sample.guidance=4 sample.seed=1 \
         sample.negative_prompt="a blue square" sample.out_dir=/tmp/out
+    deepspeed --num_gpus 4 launch/sample.py run.dir=runs/demo parallel.sp.mode=ring
+    torchrun --nproc_per_node 4 launch/sample.py run.dir=runs/demo parallel.sp.degree=4 parallel.sp.mode=hybrid \
+        parallel.sp.ulysses_degree=2
 
-Writes one mp4 per prompt and manifest.jsonl under RUN/samples/ (or sample.out_dir).
+Writes one mp4 per prompt and manifest.jsonl under RUN/samples/prompts/ (or sample.out_dir);
+sample.save_raw=true also writes each video's float frames as NNN.safetensors. Under a launcher every rank
+runs the same generation with sequence parallelism (parallel.sp.degree defaults to the number of
+processes) and rank 0 writes the files.
 """
 
 import os
@@ -16,21 +22,28 @@ from launch.common import hydra_overrides, run_cli  # noqa: E402
 
 
 def main() -> None:
-    import torch
-
     from vgen.config import ConfigError
-    from vgen.sample import generate_to_dir, load_run_for_sampling
+    from vgen.sample import generate_to_dir, init_sampling_parallel, load_run_for_sampling, sampling_device
 
     overrides = hydra_overrides(sys.argv[1:])
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")]
     if not run_dirs:
         raise ConfigError("run.dir=PATH is required: the run directory to sample from")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, model, text_encoder, autoencoder = load_run_for_sampling(run_dirs[0], overrides, device=device)
+    device = sampling_device()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, model, text_encoder, autoencoder = load_run_for_sampling(run_dirs[-1], overrides, device=device, world_size=world)
+    topology = init_sampling_parallel(model, cfg, device)
+    is_main = topology is None or topology.rank == 0
     prompts = list(cfg.get("prompts") or []) or None
-    out = cfg.sample.out_dir or os.path.join(run_dirs[0], "samples", "prompts")
-    generate_to_dir(model, text_encoder, autoencoder, cfg, out, prompts=prompts)
-    print(f"samples written to {out} (manifest.jsonl lists prompt -> file)")
+    out = cfg.sample.out_dir or os.path.join(run_dirs[-1], "samples", "prompts")
+    generate_to_dir(model, text_encoder, autoencoder, cfg, out, prompts=prompts, write=is_main)
+    if topology is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # the files exist when any rank returns
+        dist.destroy_process_group()
+    if is_main:
+        print(f"samples written to {out} (manifest.jsonl lists prompt -> file)")
 
 
 if __name__ == "__main__":

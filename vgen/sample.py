@@ -1,15 +1,26 @@
 """Sampling: Euler integration of the flow with classifier-free guidance, from a run directory's exported
-safetensors (never pickles), writing one mp4 per prompt and a manifest.jsonl beside them."""
+safetensors (never pickles), writing one mp4 per prompt and a manifest.jsonl beside them.
+
+Under a multi-process launcher every rank runs the same generation (same prompts, same per-prompt noise)
+through the sequence-parallel model, so every rank ends with the same videos; only rank 0 writes them.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from vgen.config import ConfigError
 from vgen.diffusion.flow import euler_sample, guided_velocity, timestep_shift
+
+# settings only the sampler reads; every other override must name a key of the run's config.yaml
+# sample.save_raw: also write NNN.safetensors ({"video": float32 (3, T, H, W) in [-1, 1]}) beside each mp4
+SAMPLER_KEYS = {"sample.save_raw": False}
+_ABSENT = object()
 
 
 def prompt_noise(shape, seed: int, index: int) -> torch.Tensor:
@@ -53,7 +64,12 @@ def latent_shape_for(cfg, autoencoder) -> tuple[int, ...]:
 
 
 def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None, write=True, batch: int = 8) -> Path:
-    """Generate every prompt, write `out_dir/NNN.mp4` and `out_dir/manifest.jsonl` (when `write`)."""
+    """Generate every prompt, write `out_dir/NNN.mp4` and `out_dir/manifest.jsonl` (when `write`), and
+    `out_dir/NNN.safetensors` with the float video too when `sample.save_raw` is set.
+
+    Args:
+        write: False on every rank but one when several ranks generate the same videos.
+    """
     from vgen.data.video import write_mp4
 
     prompts = list(prompts) if prompts else default_prompts(cfg)
@@ -61,6 +77,7 @@ def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None
     device = next(model.parameters()).device
     shape = latent_shape_for(cfg, autoencoder)
     s = cfg.sample
+    save_raw = bool(OmegaConf.select(cfg, "sample.save_raw", default=SAMPLER_KEYS["sample.save_raw"]))
     shift = timestep_shift(_tokens(model, shape), cfg.diffusion.shift_base_tokens, cfg.diffusion.shift_max)
     rows = []
     for start in range(0, len(prompts), batch):
@@ -71,10 +88,18 @@ def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None
             name = f"{start + i:03d}.mp4"
             if write:
                 write_mp4(out_dir / name, video.cpu(), fps=s.fps)
+                if save_raw:
+                    _save_raw(out_dir / f"{start + i:03d}.safetensors", video)
             rows.append({"prompt": prompt, "path": name})
     if write:
         (out_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out_dir
+
+
+def _save_raw(path: Path, video: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"video": video.detach().float().cpu().contiguous()}, str(path))
 
 
 def _tokens(model, latent_shape) -> int:
@@ -82,23 +107,35 @@ def _tokens(model, latent_shape) -> int:
     return T * H * W
 
 
-def load_run_for_sampling(run_dir, overrides: list[str] | None = None, device="cpu"):
+def load_run_for_sampling(run_dir, overrides: list[str] | None = None, device="cpu", world_size: int = 1):
     """Rebuild the model, text encoder and autoencoder of a run from RUN/config.yaml and its exported
-    safetensors. Returns (cfg, model, text_encoder, autoencoder)."""
+    safetensors. Returns (cfg, model, text_encoder, autoencoder).
+
+    Args:
+        overrides: `key=value` settings on top of the run's config; each must name a key the config has
+            (or one of SAMPLER_KEYS), so a typo fails instead of being ignored.
+        world_size: processes of the sampling job. `parallel.sp.degree` defaults to it: the run's SP
+            setting described its training job, and the sampler spends every rank on each video.
+    """
     from safetensors.torch import load_file
 
     from vgen.models import build_dit
     from vgen.models.autoencoder import build_autoencoder
     from vgen.models.text_encoder import TextEncoder
 
-    run_dir = Path(run_dir)
+    run_dir, overrides = Path(run_dir), list(overrides or [])
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"run.dir={str(run_dir)!r} has no config.yaml: not a vgen run directory")
-    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(overrides or [])))
-    weights = run_dir / "export" / ("ema.safetensors" if cfg.sample.ema else "model.safetensors")
+    cfg = _merge_overrides(OmegaConf.load(cfg_path), overrides)
+    if OmegaConf.select(cfg, "train.task", default="diffusion") != "diffusion":
+        raise ConfigError(f"run.dir={str(run_dir)!r} trained train.task={cfg.train.task!r}; launch/sample.py samples DiT runs")
+    if not any(o.startswith("parallel.sp.degree=") for o in overrides):
+        cfg.parallel.sp.degree = world_size
+    name = "ema.safetensors" if cfg.sample.ema else "model.safetensors"
+    weights = run_dir / "export" / name
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist: the run has not saved a checkpoint yet")
+        raise FileNotFoundError(f"run.dir={str(run_dir)!r} has no export/{name}: the run has not saved a checkpoint yet")
     text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
     autoencoder = build_autoencoder(cfg.autoencoder)
     if isinstance(autoencoder, torch.nn.Module):
@@ -106,3 +143,48 @@ def load_run_for_sampling(run_dir, overrides: list[str] | None = None, device="c
     model = build_dit(cfg.model, in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return cfg, model.to(device).eval(), text_encoder, autoencoder
+
+
+def _merge_overrides(cfg, overrides: list[str]):
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or (key not in SAMPLER_KEYS and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT):
+            raise ConfigError(f"{item!r} is not a setting of this run's config.yaml (expected key=value)")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
+def sampling_device() -> torch.device:
+    """This rank's GPU under a launcher (LOCAL_RANK), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_sampling_parallel(model, cfg, device: torch.device):
+    """Start the process group and apply `cfg.parallel` (sequence parallelism first) to `model` when the
+    job has several processes (WORLD_SIZE > 1). Returns the topology, or None for one process.
+
+    Every setting is checked before the process group starts, so bad ones exit on every rank with a
+    message naming them instead of leaving other ranks waiting.
+    """
+    from vgen.parallel.parallelize import parallelize
+    from vgen.parallel.topology import build_topology, check_heads, init_process_group, sp_layout
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        ulysses, _ = sp_layout(cfg.parallel.sp, world)
+        check_heads(model.cfg.heads, str(cfg.parallel.sp.mode), ulysses)
+    except ValueError as err:
+        raise ConfigError(f"{err} (this sampling job has {world} process(es): start N with deepspeed --num_gpus N or torchrun)") from err
+    if world == 1:
+        return None
+    init_process_group(device.type)
+    topology = build_topology(cfg.parallel.sp, heads=model.cfg.heads)
+    if topology.rank == 0:
+        note = f"; its {topology.dp_size} SP groups repeat the same work" if topology.dp_size > 1 else ""
+        print(f"[vgen] sequence parallel: mode={topology.sp_mode} degree={topology.sp_size} (ulysses "
+              f"{topology.ulysses_size} x ring {topology.ring_size}) on {world} processes{note}", flush=True)
+    parallelize(model, cfg, topology)
+    return topology
