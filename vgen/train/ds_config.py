@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 
-def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict:
+def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None = None) -> dict:
     """ZeRO stage, precision, clipping, accumulation, AdamW and warmup + cosine LR from `cfg`.
 
     Args:
         world_size: every rank; ZeRO shards and averages over all of them (sequence-parallel ranks
             included: their gradients are partial sums, see vgen/parallel/sequence.py).
         on_gpu: bf16 on GPU, fp32 on CPU.
+        num_params: the model's parameter count; caps ZeRO's communication buckets.
     """
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) and ZeRO-2 allocates one every step:
+    # for a model smaller than that, a bucket the size of the model does the same work without the cost
+    bucket = int(min(5e8, max(num_params or 5e8, 1e6)))
     opt = cfg.train.optim
     micro, accum = cfg.data.micro_batch, cfg.train.grad_accum
     return {
@@ -18,7 +22,11 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": opt.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
         "bf16": {"enabled": bool(on_gpu)},
         "optimizer": {
             "type": "AdamW",

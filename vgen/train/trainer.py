@@ -44,7 +44,8 @@ class Trainer:
             self.ckpt.check_compatible(self.resume_tag)
         self._plan_memory(model)
         parallelize(model, cfg, self.topo)
-        ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda")
+        num_params = sum(p.numel() for p in model.parameters())
+        ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda", num_params)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         self.ema = ShardedEMA(self.engine.module, cfg.train.ema_decay)
         self.step = self._resume() if self.resume_tag else 0
