@@ -44,6 +44,8 @@ class Trainer:
             self.ckpt.check_compatible(self.resume_tag)
         self._plan_memory(model)
         parallelize(model, cfg, self.topo)
+        if self.device.type == "cpu":
+            setup.disable_deepspeed_shm_allreduce()
         num_params = sum(p.numel() for p in model.parameters())
         ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda", num_params)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
