@@ -14,7 +14,9 @@ the fp32 copy: the bytes of DeepSpeed's bf16 optimizer at ZeRO-0 on one GPU. MFU
 (model.flops_per_sample: forward + backward, attention included, recomputation not) over this GPU's
 bf16 matmul peak measured here (8192^3 matmuls). With --budget-gb a step over the budget counts as a
 failure (the only failure a CPU run has). --simulate bisects the simulator's peak (vgen/parallel/
-memory_sim.py) against --budget-gb per GPU for every SP degree dividing --world-size, ZeRO --zero-stage.
+memory_sim.py) against --budget-gb per GPU for every SP degree dividing --world-size, ZeRO --zero-stage,
+with attention accounted as a GPU's fused kernel (--attention-kernel flash: output + log-sum-exp forward,
+dq/dk/dv + FlashAttention-2's fp32 workspace backward, no (S, S) scores; "native" leaves out the workspace).
 Writes benchmarks/results/max_seq_len_<mode>.json (+ .png when matplotlib is installed).
 """
 
@@ -41,6 +43,12 @@ from vgen.models.dit import VideoDiT  # noqa: E402
 from vgen.models.presets import resolve_preset  # noqa: E402
 from vgen.parallel.checkpointing import apply_memory_policy  # noqa: E402
 from vgen.parallel.memory_sim import sweep, trace_step  # noqa: E402
+
+ATTENTION_ACCOUNTING = {
+    "flash": "fused SDPA as on a GPU: forward allocates the output and an fp32 log-sum-exp, backward dq, dk, dv "
+             "plus FlashAttention-2's fp32 dq accumulator and softmax_d (rows rounded up to 128); no (S, S) scores",
+    "native": "the fused CPU SDPA kernel's outputs (output + log-sum-exp; dq, dk, dv), no GPU workspace",
+}
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {
@@ -90,14 +98,16 @@ def run_simulated(args, dit) -> list[dict]:
     degrees = [d for d in (1, 2, 4, 8, 16, 32, 64) if args.world_size % d == 0 and dit.heads % d == 0]
     budget = args.budget_gb * 1e9
     for sp in degrees:
-        sim = dict(micro_batch=args.micro_batch, world_size=args.world_size, sp=sp, zero_stage=args.zero_stage)
+        sim = dict(micro_batch=args.micro_batch, world_size=args.world_size, sp=sp, zero_stage=args.zero_stage,
+                   attention_kernel=args.attention_kernel)
         for name in args.policies:
             start = time.perf_counter()
             sw = sweep(dit, memory_policy(name), (args.channels, *args.latent_hw), args.text_len, frames=(8, 16), **sim)
             frames = bisect_frames(lambda T: sw.evaluate(T).peak_bytes <= budget, 1, args.max_frames)
             report = sw.evaluate(max(frames, 1))
             row = dict(policy=name, sp=sp, frames=frames, tokens=report.tokens if frames else 0, peak_gb=report.peak_gb,
-                       by_category_gb={k: v / 1e9 for k, v in report.by_category.items()}, sp_impl=report.sp_impl)
+                       by_category_gb={k: v / 1e9 for k, v in report.by_category.items()}, sp_impl=report.sp_impl,
+                       attention=report.attention)
             if args.verify and frames:
                 shape = (args.channels, frames, *args.latent_hw)
                 row["verified"] = sw.exact_at(trace_step(dit, memory_policy(name), shape, args.text_len, **sim))
@@ -300,6 +310,20 @@ def print_table(rows: list[dict], simulate: bool) -> None:
         print(f"{name:<26}" + "".join(f"{cells.get(d, 0):>12,}" for d in degrees))
 
 
+def headline(rows: list[dict]) -> dict:
+    """Max tokens per policy and SP degree, and how checkpointing + offload compares with plain at each degree."""
+    table = {}
+    for r in rows:
+        table.setdefault(r["policy"], {})[str(r.get("sp", 1))] = r.get("tokens", 0)
+    out = dict(max_tokens=table)
+    plain, offload = table.get("plain", {}), table.get("ckpt+offload", {})
+    for sp, tokens in offload.items():
+        if plain.get(sp):
+            out[f"ckpt+offload_over_plain_sp{sp}"] = tokens / plain[sp]
+        out[f"ckpt+offload_reaches_1M_tokens_sp{sp}"] = tokens >= 1_000_000
+    return out
+
+
 def plot(rows: list[dict], path: Path, title: str) -> str | None:
     try:
         import matplotlib
@@ -353,6 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed steps at the longest fit")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--verify", action="store_true", help="--simulate: re-trace at each answer to check the sweep")
+    p.add_argument("--attention-kernel", default="flash", choices=list(ATTENTION_ACCOUNTING),
+                   help="--simulate: attention accounting (flash: a GPU's fused kernel and its backward workspace)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/max_seq_len_<mode>.json)")
     return p.parse_args(argv)
 
@@ -382,9 +408,15 @@ def main(argv=None) -> dict:
                   latent_hw=list(args.latent_hw), channels=args.channels, text_len=args.text_len,
                   micro_batch=args.micro_batch, budget_gb=args.budget_gb, world_size=args.world_size if args.simulate else 1,
                   zero_stage=args.zero_stage if args.simulate else 0,
-                  matmul_peak_tflops=getattr(args, "matmul_peak_tflops", None),
-                  wall_seconds=wall, rows=rows)
-    note = plot(rows, out.with_suffix(".png"), f"{m.preset}, latent {args.latent_hw[0]}x{args.latent_hw[1]}, {mode}")
+                  matmul_peak_tflops=getattr(args, "matmul_peak_tflops", None), wall_seconds=wall)
+    if args.simulate:
+        result.update(attention_kernel=args.attention_kernel, attention_accounting=ATTENTION_ACCOUNTING[args.attention_kernel],
+                      headline=headline(rows))
+    result["rows"] = rows
+    title = f"{m.preset}, latent {args.latent_hw[0]}x{args.latent_hw[1]}, {mode}"
+    if args.simulate:
+        title += f", {args.budget_gb:g} GB/GPU, {args.attention_kernel} attention"
+    note = plot(rows, out.with_suffix(".png"), title)
     if note:
         result["png"] = note
         print(note)

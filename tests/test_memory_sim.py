@@ -1,4 +1,5 @@
-"""The memory simulator against real CPU allocations, its frame sweep, ZeRO accounting, SP, and the planner.
+"""The memory simulator against real CPU allocations, its attention accounting, frame sweep, ZeRO
+accounting, SP, and the planner.
 
 The independent measurement: torch.profiler with profile_memory=True records every allocation and free
 the c10 CPU allocator makes (kernel workspaces included) as "[memory]" events with signed byte counts;
@@ -14,13 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+from vgen.models.attention import sdpa
 from vgen.models.dit import VideoDiT
 from vgen.models.presets import resolve_preset
-from vgen.parallel import memory_sim
+from vgen.parallel import memory_sim_sp
 from vgen.parallel.checkpointing import apply_memory_policy
-from vgen.parallel.memory_sim import FrameSweep, simulate, trace_step
+from vgen.parallel.memory_sim import FrameSweep, attention_peak_bytes, simulate, trace_step
 from vgen.parallel.planner import CANDIDATES, MemoryBudgetError, plan_memory
 
 torch.set_num_threads(1)
@@ -31,6 +34,16 @@ SHAPE, TEXT, BATCH = (4, 4, 16, 16), 6, 2  # (C, T, H, W): 256 tokens
 def mem_cfg(**kw):
     base = dict(checkpointing="none", ratio=1.0, offload=False, mlp_chunks=1, recompute_mlp=False, offload_min_bytes=1 << 20)
     return SimpleNamespace(**{**base, **kw})
+
+
+def allocator_peak(prof) -> int:
+    """The running sum of a profile's allocation events at its highest."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def cpu_step_peak(mem) -> int:
@@ -46,21 +59,44 @@ def cpu_step_peak(mem) -> int:
         loss = (model(x, t, text, mask).float() - target.float()).pow(2).mean()
         loss.backward()
         del loss
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return allocator_peak(prof)
 
 
 @pytest.mark.parametrize("mem", [mem_cfg(), mem_cfg(checkpointing="block"), mem_cfg(checkpointing="selective"),
                                  mem_cfg(checkpointing="ratio", ratio=0.5, mlp_chunks=4)],
                          ids=["none", "block", "selective", "ratio_chunks"])
 def test_simulated_peak_matches_cpu_allocator(mem):
-    real = cpu_step_peak(mem)
-    sim = simulate(TINY, mem, SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32).step_peak_bytes
+    # float32 traces account attention as the CPU run computes it: torch's fused CPU kernel ("native")
+    report = simulate(TINY, mem, SHAPE, TEXT, micro_batch=BATCH, dtype=torch.float32)
+    assert report.attention == "native"
+    real, sim = cpu_step_peak(mem), report.step_peak_bytes
     assert abs(sim - real) <= 0.05 * real, f"simulated {sim} vs real {real} bytes ({sim / real - 1:+.1%})"
+
+
+def test_flash_attention_accounting_is_linear_and_math_quadratic():
+    B, h, d = 2, 4, 32
+    seq = (512, 1024, 2048, 4096)
+    flash = [attention_peak_bytes((B, S, h, d), "flash") for S in seq]
+    math = [attention_peak_bytes((B, S, h, d), "math") for S in seq]
+    # flash: output + fp32 log-sum-exp forward; dq, dk, dv + FlashAttention-2's fp32 workspace backward
+    per_token = 4 * B * h * d * 2 + B * h * 4 + B * h * (d + 1) * 4
+    assert flash == [per_token * S for S in seq]
+    # math: fp32 (B, h, S, S) scores and their softmax: doubling S quadruples the peak, asymptotically
+    assert [b / a for a, b in zip(math, math[1:])] == pytest.approx([4, 4, 4], rel=0.1)
+    assert math[-1] > 100 * flash[-1]
+    # ... as the CPU allocator sees a real float32 attention restricted to the math path
+    q, k, v = (torch.randn(B, 512, h, d, requires_grad=True) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, sdpa_kernel([SDPBackend.MATH]):
+        sdpa(q, k, v).backward(torch.randn(B, 512, h, d))
+    real = allocator_peak(prof)
+    sim = attention_peak_bytes((B, 512, h, d), "math", dtype=torch.float32)
+    assert abs(sim - real) <= 0.05 * real, f"simulated {sim} vs real {real} bytes"
+    # the workspace's rows round up to 128 (69 frames of temporal attention pay for 128)
+    assert attention_peak_bytes((B, 69, h, d), "flash") - attention_peak_bytes((B, 69, h, d), "native") \
+        == B * h * (d + 1) * 4 * 128
+    # bf16 (the GPU simulation) defaults to flash, float32 (a CPU run) to the CPU kernel
+    assert attention_peak_bytes((B, 512, h, d), "auto") == flash[0]
+    assert attention_peak_bytes((B, 512, h, d), "auto", dtype=torch.float32) < 2 * flash[0]
 
 
 def test_categories_and_zero_accounting():
@@ -101,12 +137,12 @@ def test_sequence_parallel_real_wrappers_and_stand_ins_agree():
     dit = resolve_preset("tiny", in_channels=4, text_dim=32, depth=2)
     one = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=1)
     real = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=2)
-    original = memory_sim._fake_world
-    memory_sim._fake_world = lambda world: contextlib.nullcontext(False)  # as if distributed were running
+    original = memory_sim_sp.fake_world
+    memory_sim_sp.fake_world = lambda world: contextlib.nullcontext(False)  # as if distributed were running
     try:
         stand_in = simulate(dit, mem_cfg(), SHAPE, TEXT, micro_batch=BATCH, world_size=2, sp=2)
     finally:
-        memory_sim._fake_world = original
+        memory_sim_sp.fake_world = original
     assert not torch.distributed.is_initialized()
     assert (real.sp_impl, stand_in.sp_impl) == ("fake process group", "stand-ins")
     assert real.local_tokens == stand_in.local_tokens == one.tokens // 2
@@ -128,6 +164,7 @@ def test_planner_picks_the_cheapest_fitting_policy():
     lines = []
     plain = plan_memory(planner_cfg(100.0), shape, TEXT, 1, text_dim=32, log=lines.append)
     assert plain.checkpointing == "none" and len(lines) == 2  # one candidate tried, then the choice
+    assert plain.report.attention == "flash" and "flash attention" in lines[-1]  # GPU budgets: GPU kernels
     block = simulate(resolve_preset("tiny", in_channels=4, text_dim=32, depth=2), mem_cfg(checkpointing="block"),
                      shape, TEXT, micro_batch=BATCH, zero_stage=0)
     budget = (plain.report.peak_bytes + block.peak_bytes) / 2 / 1e9  # plain does not fit, block does

@@ -13,13 +13,16 @@ records gives live bytes over time, split into:
   temporaries  everything else (transient forward buffers, backward intermediates, recomputation)
 Static parts (optimizer, fp32 partitions) are analytic; everything the step allocates is measured.
 
-Sequence parallelism: the real wrappers (vgen/parallel/sequence.py) run on a fake process group of the
-job's world size (torch's "fake" backend: collectives return at once and fake tensors carry the shapes),
-this process acting as rank 0; ranks are symmetric. Where torch.distributed is already initialised (the
-planner inside a training job) shape-faithful Ulysses stand-ins replace the seams and attention cores
-instead: each collective becomes an autograd op returning a new buffer of its output shape plus the
-packing copy an all-to-all makes. Ring attention picks K/V blocks from data and cannot run on fake tensors.
-Kernel-internal workspaces (cuBLAS, flash-attention scratch) are invisible to the dispatcher.
+Attention (`attention_kernel`): the model's SDPA call runs as the fused kernel a GPU uses ("flash", the
+default for bf16): forward allocates the output and an fp32 log-sum-exp, backward dq, dk, dv, never the
+(S, S) scores. On fake CPU tensors torch's fused CPU kernel has exactly those outputs; FlashAttention-2's
+backward also allocates an fp32 dq accumulator inside the kernel, invisible to the dispatcher, which is
+added here. "native" keeps whatever kernel torch picks for the traced device (on a CPU the same fused
+kernel, without the GPU workspace: what a real CPU run allocates, the accounting float32 traces use);
+"math" forces the unfused path that materialises the scores, quadratic in sequence length.
+
+Sequence parallelism: vgen/parallel/memory_sim_sp.py (real wrappers on a fake process group, or Ulysses
+stand-ins where torch.distributed is already up). Other kernel-internal workspaces (cuBLAS) are not counted.
 """
 
 from __future__ import annotations
@@ -28,22 +31,29 @@ import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vgen.models.attention import sdpa
 from vgen.models.dit import VideoDiT
 from vgen.models.presets import DiTConfig
+from vgen.parallel import memory_sim_sp
 from vgen.parallel.checkpointing import apply_memory_policy
 from vgen.parallel.offload import storage_key
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
 GB = 1e9  # decimal, like the trainer's mem_peak_gb and parallel.memory.budget_gb
+ATTENTION_KERNELS = ("auto", "flash", "native", "math")
+# Fused attention backward ops; their query argument is (B, h, S, d).
+_ATTENTION_BACKWARD = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward.default,
+}
 
 
 @dataclass
@@ -59,6 +69,7 @@ class MemoryReport:
     sp: int = 1
     zero_stage: int = 2
     sp_impl: str = "none"  # "fake process group" (the real SP wrappers) or "stand-ins"
+    attention: str = "native"  # the attention accounting: "flash", "native" or "math"
 
     @property
     def peak_gb(self) -> float:
@@ -66,22 +77,40 @@ class MemoryReport:
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.by_category.items())
-        return f"peak {self.peak_gb:.2f} GB ({parts}) for {self.tokens} tokens, sp={self.sp}, world={self.world_size}"
+        return (f"peak {self.peak_gb:.2f} GB ({parts}) for {self.tokens} tokens, sp={self.sp}, world={self.world_size}, "
+                f"{self.attention} attention")
 
 
 class _Record:
-    __slots__ = ("nbytes", "start", "end", "phase", "category")
+    __slots__ = ("nbytes", "start", "end", "phase", "category", "rows")
 
     def __init__(self, nbytes, start, phase, category=None):
         self.nbytes, self.start, self.end, self.phase, self.category = nbytes, start, None, phase, category
+        self.rows = None  # (bytes per row, rows, multiple): a buffer of rows rounded up to a multiple
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def flash_workspace_rows(query: torch.Tensor) -> tuple[int, int, int]:
+    """FlashAttention-2 backward's own fp32 buffers for a (B, h, S, d) query, as (bytes per row, rows, multiple).
+
+    flash-attn's mha_bwd (also PyTorch's SDPA flash backend) allocates softmax_d (B, h, S_r) and
+    dq_accum (B, S_r, h, d_r) in fp32, S_r = S rounded up to 128, d_r = d rounded up to 32, for the
+    duration of the call. The memory-efficient kernel (masked attention) keeps a like-sized fp32 dq buffer.
+    """
+    B, h, S, d = query.shape
+    return B * h * (_round_up(d, 32) + 1) * 4, S, 128
 
 
 class StorageTracker(TorchDispatchMode):
     """Records when every storage an op creates is born and dies, counted in ops."""
 
-    def __init__(self):
+    def __init__(self, flash_workspace: bool = False):
         super().__init__()
         self.clock, self.phase, self.ignore, self.closed = 0, "forward", False, False
+        self.flash_workspace = flash_workspace  # charge attention backward FlashAttention-2's workspace
         self.live: dict[int, _Record] = {}
         self.dead: list[_Record] = []
 
@@ -94,6 +123,12 @@ class StorageTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and storage_key(t) not in inputs:  # views alias an input
                 self.register(t)
+        if self.flash_workspace and func in _ATTENTION_BACKWARD:  # alive with dq, dk, dv, gone with the call
+            rec = _Record(0, self.clock, self.phase)
+            rec.rows, rec.end = flash_workspace_rows(args[1]), self.clock
+            row_bytes, rows, multiple = rec.rows
+            rec.nbytes = row_bytes * _round_up(rows, multiple)
+            self.dead.append(rec)
         return out
 
     def register(self, t: torch.Tensor, category: str | None = None) -> None:
@@ -114,63 +149,6 @@ class StorageTracker(TorchDispatchMode):
 
     def records(self) -> list[_Record]:
         return self.dead + list(self.live.values())
-
-
-class _ShapeOnly(torch.autograd.Function):
-    """A collective's memory without its data: a packing copy and an output of `shape`, both ways."""
-
-    @staticmethod
-    def forward(ctx, x, shape):
-        ctx.in_shape = x.shape
-        packed = torch.empty_like(x)  # all-to-all sends a contiguous, rank-major copy
-        del packed
-        return x.new_empty(shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        packed = torch.empty_like(grad)
-        del packed
-        return grad.new_empty(ctx.in_shape), None
-
-
-class _UlyssesShapes(nn.Module):
-    """Stand-in for a Ulysses-wrapped attention core: (B, N/sp, h) in and out, (B, N, h/sp) inside."""
-
-    def __init__(self, inner: nn.Module, sp: int):
-        super().__init__()
-        self.inner, self.sp = inner, sp
-
-    def forward(self, q, k, v, grid, kv_mask=None):
-        if self.inner.kind == "cross":  # a token's text attention needs only its own query: no collective
-            return self.inner(q, k, v, grid, kv_mask=kv_mask)
-        B, n, h, d = q.shape
-        full = (B, n * self.sp, h // self.sp, d)
-        q, k, v = (_ShapeOnly.apply(t, full) for t in (q, k, v))
-        out = self.inner(q, k, v, grid)  # (B, N, h/sp, d)
-        return _ShapeOnly.apply(out, (B, n, h, d))
-
-
-class _SeamShapes(nn.Module):
-    """Stand-in for seq_in (split: keep N/sp tokens and RoPE rows) or seq_out (gather all N)."""
-
-    def __init__(self, sp: int, split: bool):
-        super().__init__()
-        self.sp, self.split = sp, split
-
-    def forward(self, x, rope=None, grid=None):
-        B, n, C = x.shape
-        x = _ShapeOnly.apply(x, (B, n // self.sp if self.split else n * self.sp, C))
-        return x if rope is None else (x, tuple(r[: n // self.sp] for r in rope))
-
-
-def install_sp_shapes(model: VideoDiT, sp: int) -> None:
-    """Give a fake model the per-rank shapes of Ulysses sequence parallelism of degree `sp`."""
-    if model.cfg.heads % sp:
-        raise ValueError(f"sp degree {sp} must divide the head count {model.cfg.heads}")
-    model.seq_in, model.seq_out = _SeamShapes(sp, split=True), _SeamShapes(sp, split=False)
-    for block in model.blocks:
-        for attn in (block.spatial, block.cross, block.temporal):
-            attn.core = _UlyssesShapes(attn.core, sp)
 
 
 def zero_static_bytes(n_params: int, zero_stage: int, world: int) -> tuple[dict, float, float]:
@@ -204,6 +182,7 @@ class StepTrace:
     world_size: int
     zero_stage: int
     sp_impl: str = "none"
+    attention: str = "native"
 
     def report(self, sizes=None, frames=None) -> MemoryReport:
         static, param_scale, grad_scale = zero_static_bytes(self.n_params, self.zero_stage, self.world_size)
@@ -211,7 +190,7 @@ class StepTrace:
         peak, cats, step_peak = _replay(self.records, sizes, self.fwd_end, static, param_scale, grad_scale)
         tokens = (self.frames if frames is None else frames) // self.patch_t * self.grid_hw
         return MemoryReport(peak, cats, step_peak, tokens, tokens // self.sp, self.world_size, self.sp,
-                            self.zero_stage, self.sp_impl)
+                            self.zero_stage, self.sp_impl, self.attention)
 
     def live_at_backward_start(self) -> int:
         """Bytes the step allocated that are alive when backward starts: what forward left for backward."""
@@ -223,22 +202,40 @@ class FrameSweep:
     """Memory at any frame count from two traces of the same step.
 
     At a fixed resolution the op sequence of a step does not depend on the frame count, and every
-    storage's size is affine in it (flash attention is linear in length; temporal attention runs B*H*W
-    sequences of T). Two traces at different lengths therefore give every size at every length, so a
+    storage's size is affine in it (fused attention is linear in length; temporal attention runs B*H*W
+    sequences of T), except the flash workspace, whose rows round up to 128: its row size and row count
+    are each affine. Two traces at different lengths therefore give every size at every length, so a
     bisection over lengths costs two traces; `exact_at` checks the claim against a third. It holds when
     the tokens of one latent frame split evenly over the SP degree and the MLP chunks (otherwise shard and
-    chunk sizes round, and results are off by a token's bytes per tensor).
+    chunk sizes round, and results are off by a token's bytes per tensor). Not for "math" attention, whose
+    temporal scores are quadratic in the frame count.
     """
 
     def __init__(self, a: StepTrace, b: StepTrace):
-        if [(r.start, r.end, r.category) for r in a.records] != [(r.start, r.end, r.category) for r in b.records]:
+        def ops(trace):
+            return [(r.start, r.end, r.category, r.rows is None) for r in trace.records]
+
+        if "math" in (a.attention, b.attention):
+            raise ValueError("math attention's scores grow with the square of the frame count: simulate each length")
+        if ops(a) != ops(b):
             raise ValueError(f"steps at {a.frames} and {b.frames} frames ran different ops; simulate each length")
         self.a, self.b = a, b
         self.span = b.frames // b.patch_t - a.frames // a.patch_t
 
     def sizes(self, frames: int) -> list[int]:
         k = frames // self.a.patch_t - self.a.frames // self.a.patch_t
-        return [sa + (sb - sa) * k // self.span for sa, sb in zip(self.a.sizes, self.b.sizes)]
+
+        def at(va, vb):
+            return va + (vb - va) * k // self.span
+
+        sizes = []
+        for ra, rb, sa, sb in zip(self.a.records, self.b.records, self.a.sizes, self.b.sizes):
+            if ra.rows is None:
+                sizes.append(at(sa, sb))
+            else:  # interpolate the row size and the row count, then round the rows as the kernel does
+                (row_a, n_a, multiple), (row_b, n_b, _) = ra.rows, rb.rows
+                sizes.append(at(row_a, row_b) * _round_up(at(n_a, n_b), multiple))
+        return sizes
 
     def evaluate(self, frames: int) -> MemoryReport:
         return self.a.report(self.sizes(frames), frames)
@@ -248,7 +245,8 @@ class FrameSweep:
 
 
 def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: int = 1, world_size: int = 1,
-               sp: int = 1, zero_stage: int = 2, dtype: torch.dtype = torch.bfloat16, sp_mode: str = "ulysses") -> StepTrace:
+               sp: int = 1, zero_stage: int = 2, dtype: torch.dtype = torch.bfloat16, sp_mode: str = "ulysses",
+               attention_kernel: str = "auto") -> StepTrace:
     """Run one fake training step (forward and backward) of one rank and record its storages.
 
     Args:
@@ -259,18 +257,23 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
         zero_stage: DeepSpeed ZeRO stage (sharded over all ranks).
         dtype: bf16 for GPU estimates; float32 to compare with a CPU run.
         sp_mode: "ulysses" or "switch" (ring attention picks K/V blocks from data, which fake tensors lack).
+        attention_kernel: "flash" (a GPU's fused kernel and its backward workspace), "native" (the kernel
+            torch picks for CPU tensors, as a real CPU run), "math" ((S, S) scores), or "auto": flash for
+            bf16/fp16, native otherwise.
     """
     if world_size % sp:
         raise ValueError(f"sp degree {sp} must divide world size {world_size}")
+    kernel = resolve_attention_kernel(attention_kernel, dtype)
     C, T, H, W = tuple(latent_shape) if len(latent_shape) == 4 else (dit.in_channels, *latent_shape)
     dit = replace(dit, in_channels=C)
-    with _fake_world(world_size if sp > 1 else 1) as real_sp, FakeTensorMode():
+    world = world_size if sp > 1 else 1
+    with memory_sim_sp.fake_world(world) as real_sp, FakeTensorMode(), attention_context(kernel):
         model = _build(dit, dtype)
         gt, gh, gw = model.token_grid((T, H, W))
-        sp_impl = _parallelize(model, sp, sp_mode, real_sp, gt * gh * gw) if sp > 1 else "none"
+        sp_impl = memory_sim_sp.parallelize_fake(model, sp, sp_mode, real_sp, gt * gh * gw) if sp > 1 else "none"
         if _memory_on(mem):
             apply_memory_policy(model, mem)
-        tracker = StorageTracker()
+        tracker = StorageTracker(flash_workspace=kernel == "flash")
         _untrack_host_buffers(model, tracker)
         x = torch.empty(micro_batch, C, T, H, W, dtype=dtype)
         batch = (x, torch.empty(micro_batch), torch.empty(micro_batch, text_len, dit.text_dim, dtype=dtype),
@@ -278,7 +281,8 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
         records, fwd_end = _run_step(model, batch, tracker)
         n_params = sum(p.numel() for p in model.parameters())
     sizes = [r.nbytes for r in records]
-    return StepTrace(records, sizes, fwd_end, T, n_params, gh * gw, dit.patch[0], sp, world_size, zero_stage, sp_impl)
+    return StepTrace(records, sizes, fwd_end, T, n_params, gh * gw, dit.patch[0], sp, world_size, zero_stage, sp_impl,
+                     kernel)
 
 
 def simulate(dit: DiTConfig, mem, latent_shape, text_len: int, **kw) -> MemoryReport:
@@ -293,39 +297,54 @@ def sweep(dit: DiTConfig, mem, latent_hw, text_len: int, frames=(16, 32), **kw) 
     return FrameSweep(*(trace_step(dit, mem, shape, text_len, **kw) for shape in shapes))
 
 
-@contextlib.contextmanager
-def _fake_world(world_size: int):
-    """A fake default process group of `world_size` ranks (this process is rank 0), so the real
-    sequence-parallel wrappers run; yields False (use stand-ins) where torch.distributed is already up."""
-    if world_size == 1 or dist.is_initialized() or not dist.is_available():
-        yield False
-        return
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield True
-    finally:
-        dist.destroy_process_group()
+def resolve_attention_kernel(kernel: str, dtype: torch.dtype) -> str:
+    """"auto" -> "flash" for the half dtypes a GPU trains in, else "native" (a CPU run's own kernel)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel={kernel!r} must be one of {ATTENTION_KERNELS}")
+    if kernel == "auto":
+        return "flash" if dtype in (torch.bfloat16, torch.float16) else "native"
+    return kernel
 
 
-def _parallelize(model: VideoDiT, sp: int, mode: str, real_sp: bool, tokens: int) -> str:
-    """Sequence parallelism on the fake model; returns which implementation ran."""
-    if mode in ("ring", "hybrid"):
-        raise ValueError(f"sp mode {mode!r} cannot be simulated: ring attention selects K/V blocks from data")
-    try:
-        from vgen.parallel.sequence import apply_sequence_parallel
-        from vgen.parallel.topology import build_topology
-    except ImportError:
-        real_sp = False
-    if real_sp:
-        cfg = SimpleNamespace(degree=sp, mode=mode, ulysses_degree=sp)
-        apply_sequence_parallel(model, build_topology(cfg), cfg)
-        return "fake process group"
-    if mode != "ulysses" or tokens % sp:
-        raise ValueError(f"the SP stand-ins model Ulysses with {tokens} tokens divisible by sp={sp}; got {mode!r}")
-    install_sp_shapes(model, sp)
-    return "stand-ins"
+def attention_context(kernel: str):
+    """The SDPA backend restriction that makes torch run `kernel`'s ops: fused for flash (a silent fall
+    back to the unfused path would charge (S, S) scores), unfused for math, torch's choice for native."""
+    if kernel == "flash":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    if kernel == "math":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def attention_peak_bytes(shape, attention_kernel: str = "flash", dtype: torch.dtype = torch.bfloat16,
+                         kv_len: int | None = None) -> int:
+    """Peak bytes one attention's forward + backward allocates beyond its inputs, under `attention_kernel`.
+
+    Args:
+        shape: (B, S, h, d) of the queries, as the model's attention cores pass them to `sdpa`.
+        kv_len: key/value length (default S).
+    """
+    kernel = resolve_attention_kernel(attention_kernel, dtype)
+    B, S, h, d = shape
+    with FakeTensorMode(), attention_context(kernel):
+        q = torch.empty(B, S, h, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.empty(B, kv_len or S, h, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        grad = torch.empty(B, S, h, d, dtype=dtype)
+        tracker = StorageTracker(flash_workspace=kernel == "flash")
+        gc.collect()
+        gc.disable()  # as in _run_step: frees follow reference counts
+        try:
+            with tracker:
+                out = sdpa(q, k, v)  # (B, S, h, d)
+                fwd_end = tracker.clock
+                tracker.phase = "backward"
+                out.backward(grad)
+                del out
+        finally:
+            gc.enable()
+        tracker.closed = True
+    records = tracker.records()
+    return _replay(records, [r.nbytes for r in records], fwd_end, {}, 1.0, 1.0)[2]
 
 
 def _build(dit: DiTConfig, dtype: torch.dtype) -> VideoDiT:

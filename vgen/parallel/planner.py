@@ -74,8 +74,9 @@ def plan_memory(cfg, latent_shape, text_len: int, world_size: int, text_dim: Opt
         raise ValueError("parallel.memory.budget_gb must be set (GB per GPU) for parallel.memory.policy=auto")
     budget = float(mem.budget_gb)
     dit = _dit_config(cfg, latent_shape, text_dim)
+    # budgets are per GPU: bf16 with the fused attention a GPU runs (no (S, S) scores, its backward workspace)
     sim = dict(micro_batch=int(cfg.data.micro_batch), world_size=world_size, sp=int(cfg.parallel.sp.degree),
-               zero_stage=int(cfg.parallel.zero_stage), sp_mode=str(cfg.parallel.sp.mode))
+               zero_stage=int(cfg.parallel.zero_stage), sp_mode=str(cfg.parallel.sp.mode), attention_kernel="flash")
     why, smallest = [], None
     for name, settings, cost in CANDIDATES:
         min_bytes = int(getattr(mem, "offload_min_bytes", 1 << 20))
