@@ -9,7 +9,9 @@ tests therefore sample a copy of the run whose exported weights are random (same
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -33,7 +35,16 @@ def sample_cli(args: list[str], kind: str = "python", nproc: int = 1, timeout: i
         cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script]
     else:
         cmd = [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
-    return subprocess.run(cmd + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    # own session: on a timeout the whole launcher tree dies, not only its first process
+    proc = subprocess.Popen(cmd + args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def raw_videos(out_dir) -> list[torch.Tensor]:
@@ -52,7 +63,7 @@ def run(tmp_path_factory):
 
     shards, run = tmp_path_factory.mktemp("shards"), tmp_path_factory.mktemp("run")
     write_demo_shards(shards, num_clips=8, clips_per_shard=8, num_frames=4, height=16, width=16)
-    check(launch("python", [f"data.path={shards}", "train.max_steps=2", "checkpoint.every_steps=0", f"run.dir={run}"]))
+    check(launch("python", [f"data.path={shards}", "train.max_steps=2", "checkpoint.every_steps=0", f"run.dir={run}"], timeout=600))
     return run
 
 
