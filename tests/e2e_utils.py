@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,20 @@ def launch(kind: str, args: list[str], nproc: int = 2, extra_env: dict | None = 
         cmd = [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
     e = env()
     e.update(extra_env or {})
-    return subprocess.run(cmd + TINY + args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd + TINY + args, e, timeout)
+
+
+def run_group(cmd: list[str], e: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on timeout kill the whole group (the launcher's ranks too)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -33,6 +33,6 @@ def test_ds_config_follows_the_config():
     ds = build_ds_config(cfg, world_size=4, on_gpu=False)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == 3 * 2 * 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and ds["optimizer"]["torch_adam"]
+    assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
     assert build_ds_config(cfg, 4, on_gpu=True)["bf16"]["enabled"]
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps

@@ -143,6 +143,8 @@ class SampleConfig:
     prompts: List[str] = field(default_factory=list)
     out_dir: Optional[str] = None
     fps: int = 8
+    # also write each video's float frames as NNN.safetensors (for exact comparisons)
+    save_raw: bool = False
 
 
 @dataclass

@@ -30,15 +30,15 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None =
         "bf16": {"enabled": bool(on_gpu)},
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW on CPU: DeepSpeed's fused Adam is a CUDA kernel
-            "torch_adam": not on_gpu,
-            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay},
+            # torch's AdamW on CPU (DeepSpeed reads the flag inside "params"): its fused Adam is a CUDA kernel
+            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay,
+                       "torch_adam": not on_gpu},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(cfg.train.max_steps, opt.warmup_steps + 1),
-                "warmup_num_steps": opt.warmup_steps,
+                "warmup_num_steps": max(opt.warmup_steps, 1),  # DeepSpeed refuses 0
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": opt.min_lr_ratio,
                 "warmup_type": "linear",
