@@ -13,6 +13,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+
 from vgen.config import to_yaml
 from vgen.data.loader import build_loader
 from vgen.parallel.parallelize import parallelize
