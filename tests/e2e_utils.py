@@ -37,15 +37,18 @@ def env() -> dict:
     return e
 
 
+def launcher_cmd(kind: str, script: str, nproc: int = 2) -> list[str]:
+    """The command line that starts `script` under `kind`: "python", "torchrun" or "deepspeed"."""
+    if kind == "python":
+        return [PY, script]
+    if kind == "torchrun":
+        return [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script]
+    return [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
+
+
 def launch(kind: str, args: list[str], nproc: int = 2, extra_env: dict | None = None, timeout: int = 300):
     """Run launch/train.py under `kind` ("python", "torchrun", "deepspeed"); returns CompletedProcess."""
-    script = str(ROOT / "launch" / "train.py")
-    if kind == "python":
-        cmd = [PY, script]
-    elif kind == "torchrun":
-        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script]
-    else:
-        cmd = [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
+    cmd = launcher_cmd(kind, str(ROOT / "launch" / "train.py"), nproc)
     e = env()
     e.update(extra_env or {})
     return run_group(cmd + TINY + args, e, timeout)

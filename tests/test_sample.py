@@ -9,15 +9,12 @@ tests therefore sample a copy of the run whose exported weights are random (same
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 
 import pytest
 import torch
 
-from e2e_utils import DEEPSPEED, PY, ROOT, TORCHRUN, check, env, free_port, launch
+from e2e_utils import ROOT, check, env, launch, launcher_cmd, run_group
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +25,7 @@ FAST = ["sample.steps=3", "sample.guidance=3.0"]
 
 def sample_cli(args: list[str], kind: str = "python", nproc: int = 1, timeout: int = 300):
     """Run launch/sample.py under `kind` ("python", "torchrun", "deepspeed"); returns CompletedProcess."""
-    script = str(ROOT / "launch" / "sample.py")
-    if kind == "python":
-        cmd = [PY, script]
-    elif kind == "torchrun":
-        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script]
-    else:
-        cmd = [DEEPSPEED, f"--num_gpus={nproc}", f"--master_port={free_port()}", script]
-    # own session: on a timeout the whole launcher tree dies, not only its first process
-    proc = subprocess.Popen(cmd + args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_group(launcher_cmd(kind, str(ROOT / "launch" / "sample.py"), nproc) + args, env(), timeout)
 
 
 def raw_videos(out_dir) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 Each block runs, on the adaLN-modulated tokens, in parallel:
   spatial self-attention (tokens of one frame) and cross-attention (tokens -> text), fused by one linear
   layer over their concatenated heads, plus temporal self-attention (one position across frames);
-then an MLP. This file knows nothing of torch.distributed: sequence parallelism replaces the attention
+then an MLP. This file knows nothing of distributed training: sequence parallelism replaces the attention
 cores and the `seq_in` / `seq_out` seams from vgen/parallel.
 """
 
