@@ -119,9 +119,7 @@ def load_run_for_sampling(run_dir, overrides: list[str] | None = None, device="c
     """
     from safetensors.torch import load_file
 
-    from vgen.models import build_dit
-    from vgen.models.autoencoder import build_autoencoder
-    from vgen.models.text_encoder import TextEncoder
+    from vgen.models import build_dit, build_frozen_encoders
 
     run_dir, overrides = Path(run_dir), list(overrides or [])
     cfg_path = run_dir / "config.yaml"
@@ -136,10 +134,7 @@ def load_run_for_sampling(run_dir, overrides: list[str] | None = None, device="c
     weights = run_dir / "export" / name
     if not weights.is_file():
         raise FileNotFoundError(f"run.dir={str(run_dir)!r} has no export/{name}: the run has not saved a checkpoint yet")
-    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
-    autoencoder = build_autoencoder(cfg.autoencoder)
-    if isinstance(autoencoder, torch.nn.Module):
-        autoencoder = autoencoder.to(device).eval()
+    text_encoder, autoencoder = build_frozen_encoders(cfg, device)
     model = build_dit(cfg.model, in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return cfg, model.to(device).eval(), text_encoder, autoencoder

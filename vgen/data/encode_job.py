@@ -35,7 +35,7 @@ from vgen.data.latents import (COMPLETE_NAME, DTYPES, NULL_TEXT_NAME, make_meta,
                                write_null_text)
 from vgen.data.loader import SampleError, clip_settings, decode_clip_sample, make_demo_if_asked
 from vgen.data.shards import DataError, index_tar, list_shards
-from vgen.models.autoencoder import build_autoencoder
+from vgen.models import build_frozen_encoders
 from vgen.models.text_encoder import TextEncoder, default_encoder_path
 
 CLIP_START = 0
@@ -150,12 +150,8 @@ def build_encoders(cfg, device) -> tuple:
     if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.get("weights"):
         warnings.warn("autoencoder.kind=vae without autoencoder.weights: encoding with random weights "
                       "(tests and demos only)", stacklevel=2)
-    # random weights (tests, demos) must be the same on every rank: one latent space for the whole set
-    torch.manual_seed(cfg.run.seed)
-    autoencoder = build_autoencoder(cfg.autoencoder)
-    if isinstance(autoencoder, torch.nn.Module):
-        autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
+    # random autoencoder weights (tests, demos) come from run.seed: one latent space on every rank
+    text_encoder, autoencoder = build_frozen_encoders(cfg, device)
     return autoencoder, text_encoder
 
 

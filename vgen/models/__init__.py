@@ -20,4 +20,24 @@ def build_dit(model_cfg, in_channels: int, text_dim: int) -> VideoDiT:
     return VideoDiT(cfg)
 
 
-__all__ = ["VideoDiT", "DiTConfig", "PRESETS", "resolve_preset", "build_dit"]
+def build_frozen_encoders(cfg, device):
+    """The text encoder and autoencoder a run names, frozen on `device`: (text_encoder, autoencoder).
+
+    An autoencoder without `autoencoder.weights` (tests, demos) gets random weights drawn from `run.seed`
+    in a forked RNG, so the trainer, the sampler and every rank of the encode job share one latent space.
+    """
+    import torch
+
+    from vgen.models.autoencoder import build_autoencoder
+    from vgen.models.text_encoder import TextEncoder
+
+    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        autoencoder = build_autoencoder(cfg.autoencoder)
+    if isinstance(autoencoder, torch.nn.Module):
+        autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    return text_encoder, autoencoder
+
+
+__all__ = ["VideoDiT", "DiTConfig", "PRESETS", "resolve_preset", "build_dit", "build_frozen_encoders"]

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift
-from vgen.models import build_dit
-from vgen.models.autoencoder import build_autoencoder
-from vgen.models.text_encoder import TextEncoder
+from vgen.models import build_dit, build_frozen_encoders
 
 
 def step_generator(seed: int, step: int, dp_rank: int, micro: int) -> torch.Generator:
@@ -33,11 +31,7 @@ class DiffusionTask:
     def __init__(self, cfg, device, loader):
         self.cfg, self.device, self.loader = cfg, device, loader
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
-        autoencoder = build_autoencoder(cfg.autoencoder)
-        if isinstance(autoencoder, nn.Module):
-            autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-        self.autoencoder = autoencoder
+        self.text_encoder, self.autoencoder = build_frozen_encoders(cfg, device)
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.cfg.run.seed)  # every rank starts from the same weights
