@@ -203,3 +203,8 @@ class Trainer:
 def run_training(cfg) -> None:
     trainer = Trainer(cfg)
     trainer.train()
+    # leave together and tear the process group down explicitly: a rank still holding gloo threads at
+    # interpreter exit can abort ("terminate called without an active exception") after a good run
+    dist.barrier()
+    trainer.loader.close()
+    dist.destroy_process_group()
