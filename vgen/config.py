@@ -157,7 +157,7 @@ class SequenceParallelConfig:
 
 @dataclass
 class MemoryConfig:
-    # activation checkpointing: "none", "block", "ratio", "selective"; "auto" lets the planner choose
+    # activation checkpointing: "none", "block", "ratio", "selective", "nested"; "auto": the planner chooses
     checkpointing: str = "none"
     ratio: float = 1.0
     offload: bool = False

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgen.models.rope import apply_rope
+from vgen.models.lean_ops import norm_rope
 
 KINDS = ("spatial", "temporal", "cross", "full")
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -82,14 +82,25 @@ class AttentionCore(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; given RoPE tables, also rotates (QK norm + RoPE as one lean op that
+    keeps only its input for backward: vgen/models/lean_ops.py). Called as a module so that hooks on it
+    (ZeRO-3 gathers its weight) run."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x, rope=None):
+        cos, sin = rope if rope is not None else (None, None)
+        return norm_rope(x, self.weight, cos, sin, self.eps)
+
+
+def qk_norm_rope(x: torch.Tensor, norm: nn.Module, rope=None) -> torch.Tensor:
+    """QK norm (an RMSNorm, or nn.Identity when off) then RoPE (when `rope` is given), keeping only x."""
+    if isinstance(norm, RMSNorm):
+        return norm(x, rope)
+    return x if rope is None else norm_rope(x, None, *rope)
 
 
 class SelfAttention(nn.Module):
@@ -109,7 +120,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, grid):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # each (B, N, h, d)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        # keeps only q and k, views of the qkv output, which v keeps alive anyway
+        q, k = qk_norm_rope(q, self.q_norm, rope), qk_norm_rope(k, self.k_norm, rope)
         out = self.core(q, k, v, grid)  # (B, N, h, d)
         return self.proj(out.reshape(B, N, D))
 
@@ -130,7 +142,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, ctx, ctx_mask, grid):
         B, N, D = x.shape
         L = ctx.shape[1]
-        q = self.q_norm(self.q(x).view(B, N, self.heads, D // self.heads))  # (B, N, h, d)
+        q = self.q(x).view(B, N, self.heads, D // self.heads)  # (B, N, h, d)
+        q = qk_norm_rope(q, self.q_norm)  # keeps only the bf16 q, not the fp32 norm intermediates
         k, v = self.kv(ctx).view(B, L, 2, self.heads, D // self.heads).unbind(2)  # (B, L, h, d)
         out = self.core(q, self.k_norm(k), v, grid, kv_mask=ctx_mask)  # (B, N, h, d)
         return out.reshape(B, N, D)

@@ -16,12 +16,9 @@ from einops import rearrange
 from torch import nn
 
 from vgen.models.attention import CrossAttention, RMSNorm, SelfAttention
+from vgen.models.lean_ops import modulate, norm_modulate
 from vgen.models.presets import DiTConfig
 from vgen.models.rope import rope_tables
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class TimestepEmbedder(nn.Module):
@@ -69,13 +66,13 @@ class STBlock(nn.Module):
     def forward(self, x, cond, ctx, ctx_mask, rope, grid):
         # x: (B, N, D); cond: (B, D); ctx: (B, L, D); ctx_mask: (B, L)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(cond).chunk(6, dim=-1)  # each (B, D)
-        h = modulate(self.norm1(x), shift_a, scale_a)  # (B, N, D)
+        h = norm_modulate(self.norm1, x, shift_a, scale_a)  # (B, N, D), keeps only x for backward
         spatial = self.spatial(h, rope, grid)  # (B, N, D)
         cross = self.cross(h, ctx, ctx_mask, grid)  # (B, N, D)
         temporal = self.temporal(h, rope, grid)  # (B, N, D)
         attn = self.fuse(torch.cat([spatial, cross], dim=-1)) + temporal  # (B, N, D)
         x = x + gate_a[:, None] * attn
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = x + gate_m[:, None] * self.mlp(norm_modulate(self.norm2, x, shift_m, scale_m))
         return x  # (B, N, D)
 
 

@@ -7,7 +7,11 @@ Policies (`parallel.memory.checkpointing`):
              LiteGen trade between memory and recomputation;
   selective  checkpoint every block but keep, per op, the outputs of attention kernels, collectives and
              matmuls (optionally not the MLP's); recompute only the cheap pointwise ops (norms, adaLN
-             modulation, RoPE, GELU), which hold most of the activation bytes for little compute.
+             modulation, RoPE, GELU), which hold most of the activation bytes for little compute;
+  nested     checkpoint every block, and inside its recomputation checkpoint each attention layer and
+             the MLP again, so backward holds one sub-layer's activations at a time instead of a whole
+             block's. It costs a second recomputation of the sub-layers (about 2/3 of a step extra
+             instead of 1/3) and is for the longest sequences, with offload and MLP chunking.
 
 Whole blocks are wrapped, so the recomputation also replays whatever sequence parallelism put inside the
 block (its collectives run again in the same order on every rank). Wrapping replaces the instance's
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-POLICIES = ("none", "block", "ratio", "selective")
+POLICIES = ("none", "block", "ratio", "selective", "nested")
 _WRAPPED = "_vgen_memory_wrapped"
 
 # Ops whose outputs selective checkpointing keeps. Attention kernels are the expensive part of a block;
@@ -50,7 +54,7 @@ _state = threading.local()  # depth of MLP calls on this thread, read by the sel
 class BlockPlan:
     """What one block does to save memory."""
 
-    checkpoint: str = "none"  # "none" | "full" | "selective"
+    checkpoint: str = "none"  # "none" | "full" | "selective" | "nested"
     recompute_mlp: bool = False  # selective only: recompute the MLP's matmuls too
     mlp_chunks: int = 1
     offload: bool = False
@@ -76,7 +80,7 @@ def block_plans(mem, depth: int) -> list[BlockPlan]:
         raise ValueError("parallel.memory.checkpointing='auto' must be resolved by vgen.parallel.planner.plan_memory first")
     if int(mem.mlp_chunks) < 1:
         raise ValueError(f"parallel.memory.mlp_chunks={mem.mlp_chunks} must be >= 1")
-    kind = "selective" if mem.checkpointing == "selective" else "full"
+    kind = mem.checkpointing if mem.checkpointing in ("selective", "nested") else "full"
     marks = checkpointed_blocks(depth, mem.checkpointing, float(mem.ratio))
     recompute_mlp = bool(getattr(mem, "recompute_mlp", False))
     return [
@@ -109,6 +113,9 @@ def wrap_block(block: nn.Module, plan: BlockPlan, offloader=None) -> None:
     mlp = getattr(block, "mlp", None)
     if mlp is not None and (plan.mlp_chunks > 1 or plan.checkpoint == "selective"):
         mlp.forward = _MLPForward(mlp.forward, plan.mlp_chunks)
+    if plan.checkpoint == "nested":
+        for sublayer in nested_sublayers(block, skip_mlp=plan.mlp_chunks > 1):
+            sublayer.forward = _SublayerForward(sublayer.forward)
     if plan.checkpoint != "none" or plan.offload:
         block.forward = _BlockForward(block, block.forward, plan, offloader if plan.offload else None)
 
@@ -134,6 +141,30 @@ class _BlockForward:
         if self.plan.checkpoint == "selective":
             policy = _SelectivePolicy(self.plan.recompute_mlp, self.plan.mlp_chunks > 1)
             kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def nested_sublayers(block: nn.Module, skip_mlp: bool = False) -> list[nn.Module]:
+    """The sub-layers `nested` checkpoints inside a block: its attention layers (the children that hold an
+    attention core, the seam sequence parallelism also uses) and its `mlp`, unless chunking already keeps
+    only the MLP's input."""
+    found = [child for child in block.children() if hasattr(child, "core")]
+    if getattr(block, "mlp", None) is not None and not skip_mlp:
+        found.append(block.mlp)
+    if not found:
+        raise ValueError(f"parallel.memory.checkpointing='nested' found no attention layer or mlp in {type(block).__name__}")
+    return found
+
+
+class _SublayerForward:
+    """A sub-layer's forward, checkpointed whenever autograd records (in the block's recomputation)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.inner(*args, **kwargs)
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 

@@ -1,0 +1,94 @@
+"""The lean pointwise ops give bitwise the values and gradients of the unfused ops, and keep less."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vgen.models.lean_ops import modulate, norm_modulate, norm_rope, norm_rope_reference
+from vgen.models.rope import rope_tables
+
+GRID = (2, 3, 4)  # 24 tokens
+HEADS, HEAD_DIM = 3, 16
+
+
+def inputs(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # a view with a stride, as q is a slice of the qkv projection output
+    qkv = torch.randn(2, 24, 3, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    x = qkv.requires_grad_()
+    weight = (1 + 0.1 * torch.randn(HEAD_DIM, generator=gen)).to(dtype).requires_grad_()
+    cos, sin = rope_tables(GRID, HEAD_DIM)
+    grad = torch.randn(2, 24, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    return x, weight, cos, sin, grad
+
+
+def run(fn, x, weight, cos, sin, grad):
+    x.grad = None
+    if weight is not None:
+        weight.grad = None
+    out = fn(x[:, :, 0], weight, cos, sin, 1e-6)
+    out.backward(grad)
+    return out.detach(), x.grad.clone(), None if weight is None else weight.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", ["norm+rope", "norm", "rope"])
+def test_norm_rope_is_bitwise_the_reference(dtype, parts):
+    x, weight, cos, sin, grad = inputs(dtype)
+    if parts == "rope":
+        weight = None
+    if parts == "norm":
+        cos = sin = None
+    lean = run(norm_rope, x, weight, cos, sin, grad)
+    ref = run(norm_rope_reference, x, weight, cos, sin, grad)
+    assert ref[1].abs().sum() > 0
+    for a, b in zip(lean, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def new_saved_bytes(fn, *args) -> int:
+    """Bytes of the storages autograd keeps for backward that are not storages of the arguments."""
+    own = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(kept.values())
+
+
+def test_norm_rope_keeps_only_its_inputs():
+    x, weight, cos, sin, _ = inputs(torch.bfloat16)
+    q = x[:, :, 0]  # a view of the qkv storage, which attention keeps anyway
+    assert new_saved_bytes(norm_rope, q, weight, cos, sin, 1e-6) == 0
+    # the unfused ops keep an fp32 copy of q and the bf16 normalised q: 3x q's own bytes
+    assert new_saved_bytes(norm_rope_reference, q, weight, cos, sin, 1e-6) >= 3 * q.nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_modulate_is_bitwise_the_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    norm = nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    x, shift, scale = (torch.randn(*s, generator=gen).to(dtype).requires_grad_() for s in ((2, 5, 8), (2, 8), (2, 8)))
+    grad = torch.randn(2, 5, 8, generator=gen).to(dtype)
+    results = []
+    for fn in (lambda: norm_modulate(norm, x, shift, scale), lambda: modulate(norm(x), shift, scale)):
+        for t in (x, shift, scale):
+            t.grad = None
+        out = fn()
+        out.backward(grad)
+        results.append([out.detach(), x.grad.clone(), shift.grad.clone(), scale.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_norm_modulate_refuses_a_norm_with_weights():
+    with pytest.raises(ValueError, match="without parameters"):
+        norm_modulate(nn.LayerNorm(8), torch.randn(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8))
