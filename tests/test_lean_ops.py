@@ -92,3 +92,29 @@ def test_norm_modulate_is_bitwise_the_reference(dtype):
 def test_norm_modulate_refuses_a_norm_with_weights():
     with pytest.raises(ValueError, match="without parameters"):
         norm_modulate(nn.LayerNorm(8), torch.randn(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8))
+
+
+def test_long_inputs_run_in_chunks_with_the_same_results(monkeypatch):
+    """Above CHUNK_THRESHOLD elements the ops run CHUNKS token slices one at a time; per-token results stay bitwise, the
+    gradients of shared weights are summed slice by slice (float rounding only)."""
+    import vgen.models.lean_ops as lean_ops
+
+    x, weight, cos, sin, grad = inputs(torch.float32)
+    ref = run(norm_rope_reference, x, weight, cos, sin, grad)
+    monkeypatch.setattr(lean_ops, "CHUNK_THRESHOLD", 100)  # every input here is chunked
+    monkeypatch.setattr(lean_ops, "CHUNKS", 5)  # 24 tokens in uneven slices
+    chunked = run(norm_rope, x, weight, cos, sin, grad)
+    assert torch.equal(chunked[0], ref[0]) and torch.equal(chunked[1], ref[1])
+    assert torch.allclose(chunked[2], ref[2], rtol=1e-5, atol=0) and not torch.equal(chunked[2], torch.zeros_like(ref[2]))
+
+    gen = torch.Generator().manual_seed(4)
+    norm = nn.LayerNorm(8, elementwise_affine=False)
+    xs, shift, scale = (torch.randn(*s, generator=gen).requires_grad_() for s in ((2, 24, 8), (2, 8), (2, 8)))
+    g = torch.randn(2, 24, 8, generator=gen)
+    (norm_modulate(norm, xs, shift, scale) * g).sum().backward()
+    lean_grads = [t.grad.clone() for t in (xs, shift, scale)]
+    for t in (xs, shift, scale):
+        t.grad = None
+    (modulate(norm(xs), shift, scale) * g).sum().backward()
+    for a, t in zip(lean_grads, (xs, shift, scale)):
+        assert torch.allclose(a, t.grad, rtol=1e-5, atol=1e-6)

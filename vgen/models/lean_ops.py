@@ -31,38 +31,94 @@ def norm_rope_reference(x, weight, cos, sin, eps: float = 1e-6):
     return y if cos is None else apply_rope(y, cos, sin)
 
 
+# Inputs above CHUNK_THRESHOLD elements run in CHUNKS token slices, so the recomputation's fp32
+# temporaries (4-5 tensors of the input's size) are an eighth of what they were. A fixed slice count
+# (rather than a fixed slice size) keeps the op sequence the same at every long length, which the memory
+# simulator's two-trace frame sweep relies on (vgen/parallel/memory_sim.py, FrameSweep).
+CHUNK_THRESHOLD = 1 << 24
+CHUNKS = 8
+
+
+def token_slices(n: int, numel: int) -> list[slice]:
+    """The token slices for an input of `numel` elements over `n` tokens (one slice when it is small)."""
+    chunks = min(CHUNKS, n) if numel > CHUNK_THRESHOLD else 1
+    return [slice(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
+
+
 class _Recompute(torch.autograd.Function):
     """fn(*args) that saves only its tensor arguments and reruns fn under autograd in backward.
 
     Like a one-op activation checkpoint, without checkpoint's per-call bookkeeping. fn must be
-    deterministic (no dropout or random ops) and take tensors or None positionally, plus constants.
+    deterministic, per token along the chunked dims, and take tensors or None positionally, plus
+    constants. `token_dims` gives, per argument, its token dim (None: shared by all tokens); the output's
+    token dim is dim 1. Long inputs run in CHUNKS token slices, forward and backward, so the transient
+    fp32 copies stay bounded; the gradients of shared arguments are then summed chunk by chunk (within
+    float rounding of the unchunked sum; one chunk is bitwise the unfused ops).
     """
 
     @staticmethod
-    def forward(ctx, fn, *args):
-        ctx.fn = fn
+    def forward(ctx, fn, token_dims, *args):
+        ctx.fn, ctx.token_dims = fn, token_dims
         ctx.tensor_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.args = [None if i in ctx.tensor_index else a for i, a in enumerate(args)]
         ctx.save_for_backward(*(args[i] for i in ctx.tensor_index))
         with torch.no_grad():
-            return fn(*args)
+            slices = _slices_for(args, token_dims)
+            if len(slices) == 1:
+                return fn(*args)
+            out = None
+            for sl in slices:
+                y = fn(*_sliced(args, token_dims, sl))
+                if out is None:
+                    out = y.new_empty(y.shape[:1] + (_tokens(args, token_dims),) + y.shape[2:])
+                out[:, sl] = y
+            return out
 
     @staticmethod
     def backward(ctx, grad_out):
         args = list(ctx.args)
         wanted = []
         for i, saved in zip(ctx.tensor_index, ctx.saved_tensors):
-            needs = ctx.needs_input_grad[i + 1] and saved.is_floating_point()
-            args[i] = saved.detach().requires_grad_(needs)
+            needs = ctx.needs_input_grad[i + 2] and saved.is_floating_point()
+            args[i] = saved.detach()
             if needs:
                 wanted.append(i)
-        with torch.enable_grad():
-            out = ctx.fn(*args)
-        grads = torch.autograd.grad(out, [args[i] for i in wanted], grad_out) if wanted else ()
         result = [None] * len(args)
-        for i, g in zip(wanted, grads):
-            result[i] = g
-        return (None, *result)
+        for sl in _slices_for(args, ctx.token_dims):
+            part = _sliced(args, ctx.token_dims, sl)
+            part = [a.detach().requires_grad_(i in wanted) if isinstance(a, torch.Tensor) else a for i, a in enumerate(part)]
+            with torch.enable_grad():
+                out = ctx.fn(*part)
+            grads = torch.autograd.grad(out, [part[i] for i in wanted], grad_out[:, sl]) if wanted else ()
+            for i, g in zip(wanted, grads):
+                result[i] = _accumulate(result[i], g, args[i], ctx.token_dims[i], sl)
+        return (None, None, *result)
+
+
+def _tokens(args, token_dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, token_dims) if d is not None and isinstance(a, torch.Tensor))
+
+
+def _slices_for(args, token_dims) -> list[slice]:
+    first = next(a for a, d in zip(args, token_dims) if d is not None and isinstance(a, torch.Tensor))
+    return token_slices(_tokens(args, token_dims), first.numel())
+
+
+def _sliced(args, token_dims, sl: slice) -> list:
+    return [a.narrow(d, sl.start, sl.stop - sl.start) if d is not None and isinstance(a, torch.Tensor) else a
+            for a, d in zip(args, token_dims)]
+
+
+def _accumulate(acc, grad, arg, dim, sl):
+    """Gradient of one chunk into the whole: written into its token slice, or summed when shared."""
+    if dim is None:
+        return grad if acc is None else acc.add_(grad)
+    if acc is None:
+        if grad.shape[dim] == arg.shape[dim]:  # a single chunk: the gradient as autograd made it
+            return grad
+        acc = grad.new_zeros(arg.shape)
+    acc.narrow(dim, sl.start, sl.stop - sl.start).copy_(grad)
+    return acc
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None = None,
@@ -71,7 +127,8 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | 
     cos, sin (N, head_dim // 2). Either part may be absent (weight None: no norm; cos None: no RoPE)."""
     if weight is None and cos is None:
         return x
-    return _Recompute.apply(norm_rope_reference, x, weight, cos, sin, eps)
+    # tokens are dim 1 of x and dim 0 of the RoPE tables; the weight is shared
+    return _Recompute.apply(norm_rope_reference, (1, None, 0, 0, None), x, weight, cos, sin, eps)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -87,7 +144,7 @@ def norm_modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, s
     """
     if any(True for _ in norm.parameters()):
         raise ValueError(f"norm_modulate needs a norm without parameters, got {norm}")
-    return _Recompute.apply(_norm_then_modulate, x, shift, scale, norm)
+    return _Recompute.apply(_norm_then_modulate, (1, None, None, None), x, shift, scale, norm)
 
 
 def _norm_then_modulate(x, shift, scale, norm):
