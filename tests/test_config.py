@@ -36,3 +36,24 @@ def test_ds_config_follows_the_config():
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
     assert build_ds_config(cfg, 4, on_gpu=True)["bf16"]["enabled"]
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 10])
+def test_first_step_has_a_learning_rate(warmup):
+    """DeepSpeed's warmup ramp would give step 1 an lr of 0 (a wasted step); it must ramp from lr/warmup."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from vgen.train.ds_config import start_lr_schedule
+
+    cfg = load_config([f"train.optim.warmup_steps={warmup}", "train.max_steps=50", "train.optim.lr=1e-3"])
+    params = build_ds_config(cfg, world_size=1, on_gpu=False)["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = WarmupCosineLR(opt, **params)
+    start_lr_schedule(sched)  # as the trainer does after deepspeed.initialize
+    lrs = []
+    for _ in range(max(warmup, 1) + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / max(warmup, 1))
+    assert lrs[max(warmup, 1) - 1] == pytest.approx(1e-3, rel=0.2) and all(b >= a for a, b in zip(lrs, lrs[1:warmup]))

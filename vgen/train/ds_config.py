@@ -39,7 +39,9 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None =
             "params": {
                 "total_num_steps": max(cfg.train.max_steps, opt.warmup_steps + 1),
                 "warmup_num_steps": max(opt.warmup_steps, 1),  # DeepSpeed refuses 0
-                "warmup_min_ratio": 0.0,
+                # the ramp is min + (1 - min) * i / warmup for schedule step i = 0, 1, ...: starting at
+                # 1/warmup (see start_lr_schedule), so no warmup means the full lr from the first step
+                "warmup_min_ratio": 1.0 / max(opt.warmup_steps, 1),
                 "cos_min_ratio": opt.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -47,3 +49,13 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None =
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def start_lr_schedule(scheduler) -> None:
+    """Put DeepSpeed's WarmupCosineLR on its step 0 before the first optimizer step.
+
+    Built with last_batch_iteration=-1, it sets every lr to 0 and steps only after each optimizer step,
+    so the first step of every run would not move the weights.
+    """
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) < 0:
+        scheduler.step(0)

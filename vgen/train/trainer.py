@@ -19,7 +19,7 @@ from vgen.data.loader import build_loader
 from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
 from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
-from vgen.train.ds_config import build_ds_config
+from vgen.train.ds_config import build_ds_config, start_lr_schedule
 from vgen.train.ema import ShardedEMA
 from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
 from vgen.train.tasks import build_task
@@ -50,6 +50,7 @@ class Trainer:
         num_params = sum(p.numel() for p in model.parameters())
         ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda", num_params)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        start_lr_schedule(self.engine.lr_scheduler)  # a resume then loads the saved schedule over it
         self.ema = ShardedEMA(self.engine.module, cfg.train.ema_decay)
         self.step = self._resume() if self.resume_tag else 0
         self._write_run_files()
