@@ -118,3 +118,29 @@ def test_long_inputs_run_in_chunks_with_the_same_results(monkeypatch):
     (modulate(norm(xs), shift, scale) * g).sum().backward()
     for a, t in zip(lean_grads, (xs, shift, scale)):
         assert torch.allclose(a, t.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_group_sliced_attention_matches_one_call(kind):
+    """An attention core in group slices (as the nested policy sets it) gives the one-call values and
+    gradients; its backward keeps only q, k, v."""
+    from vgen.models.attention import AttentionCore
+
+    gen = torch.Generator().manual_seed(5)
+    grid = (5, 3, 4)  # 5 frames of 12 positions: uneven slices either way
+    q, k, v = (torch.randn(2, 60, HEADS, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 60, HEADS, HEAD_DIM, generator=gen)
+    results = []
+    for chunks in (1, 3):
+        core = AttentionCore(kind, backend="sdpa")
+        core.group_chunks = chunks
+        for t in (q, k, v):
+            t.grad = None
+        out = core(q, k, v, grid)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad.clone() for t in (q, k, v))])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    core = AttentionCore(kind, backend="sdpa")
+    core.group_chunks = 3
+    assert new_saved_bytes(lambda *a: core(*a, grid), q, k, v) <= 3 * q.nbytes  # grouped copies at most

@@ -68,17 +68,65 @@ class AttentionCore(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"attention kind {kind!r} not in {KINDS}")
         self.kind, self.backend = kind, backend
+        # > 1: spatial/temporal groups run in this many slices with backward recomputing each slice
+        # (set by the memory policy, vgen/parallel/checkpointing.py; not a parameter or buffer)
+        self.group_chunks = 1
 
     def forward(self, q, k, v, grid: tuple[int, int, int], kv_mask: torch.Tensor | None = None):
         # q: (B, N, h, d); k, v: (B, N, h, d), or (B, L, h, d) text tokens for "cross"
         B = q.shape[0]
         if self.kind == "cross":
             return sdpa(q, k, v, kv_mask, self.backend)  # (B, N, h, d)
-        out = sdpa(*(group_tokens(x, self.kind, grid) for x in (q, k, v)), backend=self.backend)
+        groups = [group_tokens(x, self.kind, grid) for x in (q, k, v)]  # each (G, S, h, d)
+        if self.group_chunks > 1 and torch.is_grad_enabled():
+            out = _GroupChunkedAttention.apply(*groups, self.group_chunks, self.backend)
+        else:
+            out = sdpa(*groups, backend=self.backend)
         return ungroup_tokens(out, self.kind, grid, B)  # (B, N, h, d)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
+
+
+def _group_slices(groups: int, chunks: int) -> list[slice]:
+    chunks = max(1, min(chunks, groups))
+    return [slice(i * groups // chunks, (i + 1) * groups // chunks) for i in range(chunks)]
+
+
+class _GroupChunkedAttention(torch.autograd.Function):
+    """Attention over independent groups (frames, or spatial positions), a slice of groups at a time.
+
+    Keeps only q, k, v for backward, which recomputes each slice's attention and differentiates it
+    alone: the attention backward's buffers (dq/dk/dv of the slice, FlashAttention-2's fp32 dq
+    accumulator, 2x the bf16 dq, with rows rounded up to 128 per group) exist for one slice at a time
+    instead of the whole sequence, and the attention output is not kept. Costs one more attention
+    forward in backward. Groups are independent, so every value is that of the unsliced call.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunks, backend):
+        ctx.chunks, ctx.backend = chunks, backend
+        ctx.save_for_backward(q, k, v)
+        out = None
+        with torch.no_grad():
+            for sl in _group_slices(q.shape[0], chunks):
+                part = sdpa(q[sl], k[sl], v[sl], backend=backend)  # (G_slice, S, h, d)
+                if out is None:
+                    out = part.new_empty(q.shape[:-1] + part.shape[-1:])
+                out[sl] = part
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for sl in _group_slices(q.shape[0], ctx.chunks):
+            part = [t[sl].detach().requires_grad_() for t in (q, k, v)]
+            with torch.enable_grad():
+                out = sdpa(*part, backend=ctx.backend)
+            for g, d in zip(grads, torch.autograd.grad(out, part, grad_out[sl])):
+                g[sl] = d
+        return (*grads, None, None)
 
 
 class RMSNorm(nn.Module):

@@ -10,8 +10,10 @@ Policies (`parallel.memory.checkpointing`):
              modulation, RoPE, GELU), which hold most of the activation bytes for little compute;
   nested     checkpoint every block, and inside its recomputation checkpoint each attention layer and
              the MLP again, so backward holds one sub-layer's activations at a time instead of a whole
-             block's. It costs a second recomputation of the sub-layers (about 2/3 of a step extra
-             instead of 1/3) and is for the longest sequences, with offload and MLP chunking.
+             block's; spatial and temporal attention also run in group slices whose backward
+             recomputes them one at a time. It costs a second recomputation of the sub-layers (about
+             2/3 of a step extra instead of 1/3) and is for the longest sequences, with offload and
+             MLP chunking.
 
 Whole blocks are wrapped, so the recomputation also replays whatever sequence parallelism put inside the
 block (its collectives run again in the same order on every rank). Wrapping replaces the instance's
@@ -31,6 +33,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 POLICIES = ("none", "block", "ratio", "selective", "nested")
 _WRAPPED = "_vgen_memory_wrapped"
+# nested also runs spatial/temporal attention this many group slices at a time, backward recomputing each
+# (vgen/models/attention.py, _GroupChunkedAttention): the attention backward's buffers shrink to a slice's
+NESTED_ATTENTION_CHUNKS = 8
 
 # Ops whose outputs selective checkpointing keeps. Attention kernels are the expensive part of a block;
 # collectives must not run twice (the functional ones return fresh tensors, so caching them is safe;
@@ -116,6 +121,9 @@ def wrap_block(block: nn.Module, plan: BlockPlan, offloader=None) -> None:
     if plan.checkpoint == "nested":
         for sublayer in nested_sublayers(block, skip_mlp=plan.mlp_chunks > 1):
             sublayer.forward = _SublayerForward(sublayer.forward)
+        for core in block.modules():  # also the local cores inside sequence-parallel wrappers
+            if getattr(core, "kind", None) in ("spatial", "temporal") and hasattr(core, "group_chunks"):
+                core.group_chunks = NESTED_ATTENTION_CHUNKS
     if plan.checkpoint != "none" or plan.offload:
         block.forward = _BlockForward(block, block.forward, plan, offloader if plan.offload else None)
 

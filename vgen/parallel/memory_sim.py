@@ -218,7 +218,7 @@ class FrameSweep:
         if "math" in (a.attention, b.attention):
             raise ValueError("math attention's scores grow with the square of the frame count: simulate each length")
         if ops(a) != ops(b):
-            raise ValueError(f"steps at {a.frames} and {b.frames} frames ran different ops; simulate each length")
+            raise DifferentOps(f"steps at {a.frames} and {b.frames} frames ran different ops; simulate each length")
         self.a, self.b = a, b
         self.span = b.frames // b.patch_t - a.frames // a.patch_t
 
@@ -290,11 +290,28 @@ def simulate(dit: DiTConfig, mem, latent_shape, text_len: int, **kw) -> MemoryRe
     return trace_step(dit, mem, latent_shape, text_len, **kw).report()
 
 
-def sweep(dit: DiTConfig, mem, latent_hw, text_len: int, frames=(16, 32), **kw) -> FrameSweep:
-    """A FrameSweep over latent frame counts at resolution `latent_hw`, (C, H, W) or (H, W)."""
+class DifferentOps(ValueError):
+    """Two traces of a FrameSweep ran different op sequences."""
+
+
+def sweep(dit: DiTConfig, mem, latent_hw, text_len: int, frames=(16, 32), retries: int = 3, **kw) -> FrameSweep:
+    """A FrameSweep over latent frame counts at resolution `latent_hw`, (C, H, W) or (H, W).
+
+    Some ops switch to token slices above a fixed size (vgen/models/lean_ops.py), so two short traces
+    can run different ops; then both frame counts double, up to `retries` times. Lengths below the first
+    traced one are then extrapolated from longer ones, off by at most the transient copies of an op that
+    runs unsliced there (inputs under lean_ops.CHUNK_THRESHOLD elements, tens of MB).
+    """
     hw = tuple(latent_hw)
-    shapes = [(hw[0], T, *hw[1:]) if len(hw) == 3 else (T, *hw) for T in frames]
-    return FrameSweep(*(trace_step(dit, mem, shape, text_len, **kw) for shape in shapes))
+    lo, hi = frames
+    for attempt in range(retries + 1):
+        shapes = [(hw[0], T, *hw[1:]) if len(hw) == 3 else (T, *hw) for T in (lo, hi)]
+        try:
+            return FrameSweep(*(trace_step(dit, mem, shape, text_len, **kw) for shape in shapes))
+        except DifferentOps:
+            if attempt == retries:
+                raise
+            lo, hi = 2 * lo, 2 * hi
 
 
 def resolve_attention_kernel(kernel: str, dtype: torch.dtype) -> str:
