@@ -21,11 +21,12 @@ def test_fixed_user_facing_overrides_exist():
 @pytest.mark.parametrize(
     "override, named",
     [("model.preset=nope", "model.preset"), ("train.max_stepz=3", "max_stepz"), ("parallel.zero_stage=4", "parallel.zero_stage"),
-     ("train.max_steps=abc", "max_steps"), ("experiment=nope", "experiment"), ("log.wandb=cloud", "log.wandb")],
+     ("train.max_steps=abc", "max_steps"), ("experiment=nope", "experiment"), ("log.wandb=cloud", "log.wandb"),
+     ("parallel.memory.mlp_chunks=4 parallel.zero_stage=3", "parallel.memory.mlp_chunks")],
 )
 def test_bad_settings_are_named(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        load_config([override])
+        load_config(override.split())
 
 
 def test_ds_config_follows_the_config():

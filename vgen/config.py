@@ -230,6 +230,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps must be >= 1")
     _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0, 1, 2 or 3")
+    # the chunked MLP hands its weights' gradients to autograd itself, once per step, from the weights it
+    # was given at forward; ZeRO-3 gives it empty partitions there (gathered only inside each Linear)
+    _check(cfg.parallel.memory.mlp_chunks <= 1 or cfg.parallel.zero_stage < 3,
+           f"parallel.memory.mlp_chunks={cfg.parallel.memory.mlp_chunks} does not work with parallel.zero_stage=3; "
+           "use ZeRO 0-2 for MLP chunking, or nested checkpointing, which recomputes the MLP alone")
     _check(cfg.log.wandb in ("offline", "online", "disabled"), f"log.wandb={cfg.log.wandb!r} must be offline, online or disabled")
     _check(cfg.data.kind in ("videos", "latents"), f"data.kind={cfg.data.kind!r} must be 'videos' or 'latents'")
     _check(cfg.data.micro_batch >= 1, "data.micro_batch must be >= 1")
