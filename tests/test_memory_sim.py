@@ -23,7 +23,7 @@ from vgen.models.dit import VideoDiT
 from vgen.models.presets import resolve_preset
 from vgen.parallel import memory_sim_sp
 from vgen.parallel.checkpointing import apply_memory_policy
-from vgen.parallel.memory_sim import FrameSweep, attention_peak_bytes, simulate, trace_step
+from vgen.parallel.memory_sim import FrameSweep, attention_peak_bytes, simulate, sweep, trace_step
 from vgen.parallel.planner import CANDIDATES, MemoryBudgetError, plan_memory
 
 torch.set_num_threads(1)
@@ -126,10 +126,10 @@ def test_offload_moves_block_inputs_off_the_device():
 def test_frame_sweep_is_exact():
     mem = mem_cfg(checkpointing="selective", offload=True, mlp_chunks=4, offload_min_bytes=0)
     traces = [trace_step(TINY, mem, (4, T, 8, 8), TEXT) for T in (4, 8, 14)]
-    sweep = FrameSweep(traces[0], traces[1])
-    assert sweep.exact_at(traces[2])
-    assert sweep.evaluate(14).peak_bytes == traces[2].report().peak_bytes
-    assert sweep.evaluate(14).tokens == 14 * 16
+    sw = FrameSweep(traces[0], traces[1])
+    assert sw.exact_at(traces[2])
+    assert sw.evaluate(14).peak_bytes == traces[2].report().peak_bytes
+    assert sw.evaluate(14).tokens == 14 * 16
 
 
 def test_sequence_parallel_real_wrappers_and_stand_ins_agree():
@@ -214,6 +214,33 @@ def test_simulated_benchmark_writes_a_table(tmp_path, capsys):
     assert set(rows) == {("plain", 1), ("checkpointing", 1), ("plain", 2), ("checkpointing", 2)}
     for r in rows.values():
         assert 0 < r["peak_gb"] <= 0.05 and r["tokens"] == r["frames"] * 64  # 16x16 latent, 2x2 patches
+        assert r["traced_at_answer"]  # a real trace at the answer ran the sweep's ops
     assert rows[("checkpointing", 1)]["frames"] > rows[("plain", 1)]["frames"]
     assert rows[("plain", 2)]["frames"] > rows[("plain", 1)]["frames"]
     assert out.exists() and "max tokens per GPU budget" in capsys.readouterr().out
+
+
+def test_simulated_answer_is_retraced_when_slicing_switches_on(monkeypatch):
+    """Lean ops slice their input above a size: when that happens between the sweep's short traces and the
+    answer, the answer must come from a sweep around it, and be the true last fit of real traces."""
+    from types import SimpleNamespace
+
+    import vgen.models.lean_ops as lean_ops
+
+    bench = _benchmark()
+    monkeypatch.setattr(lean_ops, "CHUNK_THRESHOLD", 40 * 64 * 64)  # sliced from 40 frames of 64 tokens (width 64)
+    dit = resolve_preset("tiny", in_channels=4, text_dim=32, hidden=64, depth=2)
+    args = SimpleNamespace(channels=4, latent_hw=(16, 16), text_len=TEXT, max_frames=400)
+    sim = dict(micro_batch=1, world_size=1, sp=1, zero_stage=0, dtype=torch.float32)
+    mem = mem_cfg(checkpointing="block")
+
+    def peak(frames):
+        return trace_step(dit, mem, (4, frames, 16, 16), TEXT, **sim).report().peak_bytes
+
+    budget = peak(120)
+    short = sweep(dit, mem, (4, 16, 16), TEXT, frames=(8, 16), **sim)  # the first sweep: unsliced ops
+    assert not short.same_ops(trace_step(dit, mem, (4, 120, 16, 16), TEXT, **sim))
+    frames, report, traced = bench.simulated_max_frames(args, dit, mem, budget, sim)
+    assert traced and report.peak_bytes <= budget
+    assert peak(frames) <= budget < peak(frames + 1)
+    assert frames >= 120

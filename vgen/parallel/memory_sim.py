@@ -212,12 +212,9 @@ class FrameSweep:
     """
 
     def __init__(self, a: StepTrace, b: StepTrace):
-        def ops(trace):
-            return [(r.start, r.end, r.category, r.rows is None) for r in trace.records]
-
         if "math" in (a.attention, b.attention):
             raise ValueError("math attention's scores grow with the square of the frame count: simulate each length")
-        if ops(a) != ops(b):
+        if _op_signature(a) != _op_signature(b):
             raise DifferentOps(f"steps at {a.frames} and {b.frames} frames ran different ops; simulate each length")
         self.a, self.b = a, b
         self.span = b.frames // b.patch_t - a.frames // a.patch_t
@@ -239,6 +236,10 @@ class FrameSweep:
 
     def evaluate(self, frames: int) -> MemoryReport:
         return self.a.report(self.sizes(frames), frames)
+
+    def same_ops(self, trace: StepTrace) -> bool:
+        """Whether `trace` (another length) ran this sweep's ops, so the sweep's sizes model it."""
+        return _op_signature(trace) == _op_signature(self.a)
 
     def exact_at(self, trace: StepTrace) -> bool:
         return self.sizes(trace.frames) == trace.sizes
@@ -288,6 +289,10 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
 def simulate(dit: DiTConfig, mem, latent_shape, text_len: int, **kw) -> MemoryReport:
     """One rank's memory for one training step at `latent_shape`; keyword arguments as trace_step."""
     return trace_step(dit, mem, latent_shape, text_len, **kw).report()
+
+
+def _op_signature(trace: StepTrace) -> list:
+    return [(r.start, r.end, r.category, r.rows is None) for r in trace.records]
 
 
 class DifferentOps(ValueError):
