@@ -4,11 +4,12 @@ Written as separate PyTorch ops, QK RMSNorm followed by RoPE keeps, per query or
 the input and the rounded normalised values (3x the bytes of the bf16 input), and LayerNorm followed by
 adaLN modulation keeps the normalised tokens beside the input. In the simulated 2b block (bf16) these were
 62 of the 231 KB per token that a recomputed block holds in backward, the largest part after the
-attention and MLP tensors themselves. The lean versions keep only what the caller keeps anyway (q and k are views
-of the qkv projection output, which attention keeps alive through v; the block input is the residual)
-and rerun the reference ops in backward (`_Recompute`), so values and gradients are bitwise those of the
-unfused ops. The recomputation is pointwise work, a few percent of a block's time. A fused GPU kernel
-would also drop the transient fp32 copies that the recomputation still makes, one tensor at a time.
+attention and MLP tensors themselves. The lean versions keep only what the caller keeps anyway (q and k
+are views of the qkv projection output, which attention keeps alive through v; the block input is the
+residual) and rerun the reference ops in backward (`_Recompute`), so values and gradients are bitwise
+those of the unfused ops. The recomputation is pointwise work, a few percent of a block's time. A fused
+GPU kernel would also drop the transient fp32 copies that the recomputation still makes, one slice at a
+time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def norm_rope_reference(x, weight, cos, sin, eps: float = 1e-6):
 # Inputs above CHUNK_THRESHOLD elements run in CHUNKS token slices, so the recomputation's fp32
 # temporaries (4-5 tensors of the input's size) are an eighth of what they were. A fixed slice count
 # (rather than a fixed slice size) keeps the op sequence the same at every long length, which the memory
-# simulator's two-trace frame sweep relies on (vgen/parallel/memory_sim.py, FrameSweep).
+# simulator's two-trace frame sweep relies on (vgen/parallel/memory_sim.py, FrameSweep; the sweep is
+# traced again where the threshold falls between its traces and the answer).
 CHUNK_THRESHOLD = 1 << 24
 CHUNKS = 8
 

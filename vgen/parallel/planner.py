@@ -26,7 +26,8 @@ CANDIDATES = [
     ("block", dict(checkpointing="block"), 1 / 3),
     ("block + offload", dict(checkpointing="block", offload=True), 1 / 3 + 0.02),
     ("block + offload + MLP chunks", dict(checkpointing="block", offload=True, mlp_chunks=8), 1 / 3 + 0.03),
-    # nested recomputes each sub-layer a second time inside the block's recomputation: ~one more forward
+    # nested recomputes each sub-layer a second time inside the block's recomputation, and attention
+    # slices once more in their backward: about one more forward
     ("nested + offload + MLP chunks", dict(checkpointing="nested", offload=True, mlp_chunks=8), 2 / 3 + 0.03),
 ]
 
