@@ -93,7 +93,7 @@ def read_results(out_dir: str, world: int) -> list:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-class _LocalFramesCore(torch.nn.Module):
+class LocalFramesCore(torch.nn.Module):
     """A plausible bug for the negative control: switch's temporal core without its all-to-all, so each
     position attends over the rank's own frames only."""
 
@@ -110,7 +110,7 @@ class _LocalFramesCore(torch.nn.Module):
 
 def _break_temporal(model) -> None:
     for block in model.blocks:
-        block.temporal.core = _LocalFramesCore(block.temporal.core)
+        block.temporal.core = LocalFramesCore(block.temporal.core)
 
 
 def _reduced_grads(model, group, divide: float) -> dict:

@@ -111,28 +111,16 @@ def test_sp_training_matches_data_parallel(case, shards, baseline, tmp_path):
 
 # imported first by every rank (PYTHONPATH): switch's temporal core without its all-to-all
 _BREAK_SWITCH = """
-import torch
 import vgen.parallel.sequence as seq
-from vgen.parallel.comm import shard_plan
+from sp_utils import LocalFramesCore
 from vgen.parallel.switch import SwitchCore
-
-
-class LocalFrames(torch.nn.Module):
-    def __init__(self, core):
-        super().__init__()
-        self.core = core
-
-    def forward(self, q, k, v, grid, kv_mask=None):
-        plan = shard_plan(tuple(grid), self.core.sp_size, "switch")
-        return self.core.local(q, k, v, (plan.frames_local, *grid[1:]))
-
 
 make_core = seq.make_core
 
 
 def broken(local, topology):
     core = make_core(local, topology)
-    return LocalFrames(core) if isinstance(core, SwitchCore) and local.kind == "temporal" else core
+    return LocalFramesCore(core) if isinstance(core, SwitchCore) and local.kind == "temporal" else core
 
 
 seq.make_core = broken
@@ -146,7 +134,7 @@ def test_negative_control_fails(shards, baseline, tmp_path):
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(_BREAK_SWITCH)
     case = ("switch", 2, 1, 2)
-    got = _sp_run(shards, tmp_path, case, extra_env={"PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"})
+    got = _sp_run(shards, tmp_path, case, extra_env={"PYTHONPATH": os.pathsep.join(map(str, (inject, ROOT, ROOT / "tests")))})
     errs = _max_rel_diff(got, baseline(2, 2))
     print(f"negative control {_label(case)}: max rel diff loss {errs['loss']:.2e} grad_norm {errs['grad_norm']:.2e}")
     assert errs["loss"] > 10 * TOL and errs["grad_norm"] > 10 * TOL, errs

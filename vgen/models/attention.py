@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgen.models.lean_ops import norm_rope
+from vgen.models.lean_ops import even_slices, norm_rope
 
 KINDS = ("spatial", "temporal", "cross", "full")
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -88,11 +88,6 @@ class AttentionCore(nn.Module):
         return f"kind={self.kind}"
 
 
-def _group_slices(groups: int, chunks: int) -> list[slice]:
-    chunks = max(1, min(chunks, groups))
-    return [slice(i * groups // chunks, (i + 1) * groups // chunks) for i in range(chunks)]
-
-
 class _GroupChunkedAttention(torch.autograd.Function):
     """Attention over independent groups (frames, or spatial positions), a slice of groups at a time.
 
@@ -109,7 +104,7 @@ class _GroupChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         out = None
         with torch.no_grad():
-            for sl in _group_slices(q.shape[0], chunks):
+            for sl in even_slices(q.shape[0], chunks):
                 part = sdpa(q[sl], k[sl], v[sl], backend=backend)  # (G_slice, S, h, d)
                 if out is None:
                     out = part.new_empty(q.shape[:-1] + part.shape[-1:])
@@ -120,7 +115,7 @@ class _GroupChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         grads = [torch.empty_like(t) for t in (q, k, v)]
-        for sl in _group_slices(q.shape[0], ctx.chunks):
+        for sl in even_slices(q.shape[0], ctx.chunks):
             part = [t[sl].detach().requires_grad_() for t in (q, k, v)]
             with torch.enable_grad():
                 out = sdpa(*part, backend=ctx.backend)

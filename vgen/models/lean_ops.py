@@ -41,10 +41,15 @@ CHUNK_THRESHOLD = 1 << 24
 CHUNKS = 8
 
 
+def even_slices(n: int, chunks: int) -> list[slice]:
+    """`chunks` slices of range(n) whose sizes differ by at most one (fewer when n < chunks)."""
+    chunks = max(1, min(chunks, n))
+    return [slice(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
+
+
 def token_slices(n: int, numel: int) -> list[slice]:
     """The token slices for an input of `numel` elements over `n` tokens (one slice when it is small)."""
-    chunks = min(CHUNKS, n) if numel > CHUNK_THRESHOLD else 1
-    return [slice(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
+    return even_slices(n, CHUNKS if numel > CHUNK_THRESHOLD else 1)
 
 
 class _Recompute(torch.autograd.Function):

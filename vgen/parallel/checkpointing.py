@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from vgen.models.lean_ops import even_slices
+
 POLICIES = ("none", "block", "ratio", "selective", "nested")
 _WRAPPED = "_vgen_memory_wrapped"
 # nested also runs spatial/temporal attention this many group slices at a time, backward recomputing each
@@ -227,7 +229,7 @@ class _ChunkedMLP(torch.autograd.Function):
         ctx.save_for_backward(x)
         out = None
         with torch.no_grad():
-            for sl in _slices(x.shape[1], chunks):
+            for sl in even_slices(x.shape[1], chunks):
                 y = fn(x[:, sl])  # (B, n_chunk, D_out)
                 if out is None:
                     out = y.new_empty(x.shape[:-1] + y.shape[-1:])
@@ -240,7 +242,7 @@ class _ChunkedMLP(torch.autograd.Function):
         params = list(ctx.params)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_params = [None] * len(params)
-        for sl in _slices(x.shape[1], ctx.chunks):
+        for sl in even_slices(x.shape[1], ctx.chunks):
             xc = x[:, sl].detach().requires_grad_(grad_x is not None)
             with torch.enable_grad():
                 y = ctx.fn(xc)
@@ -250,9 +252,3 @@ class _ChunkedMLP(torch.autograd.Function):
                 grad_x[:, sl] = grads.pop(0)
             grad_params = [g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grad_params, grads)]
         return (grad_x, None, None, *grad_params)
-
-
-def _slices(n, chunks: int) -> list[slice]:
-    # chunk sizes equal to within one token
-    chunks = min(chunks, n)
-    return [slice(i * n // chunks, (i + 1) * n // chunks) for i in range(chunks)]
