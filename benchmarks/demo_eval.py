@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name + ' accuracy':20s} {result[name + '_accuracy']:.3f}")
     if args.out:
         command = " ".join(["python", "benchmarks/demo_eval.py", *(sys.argv[1:] if argv is None else argv)])
-        record = {"command": command, "git_commit": _git_commit(), "python": sys.version.split()[0],
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+        record = {"command": command, "device": device, "git_commit": _git_commit(), "python": sys.version.split()[0],
                   "torch": torch.__version__, "av": av.__version__,
                   "samples": str(args.samples), **result}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
