@@ -179,6 +179,19 @@ class ParallelConfig:
 
 
 @dataclass
+class PrepareConfig:
+    # launch/prepare.py (vgen/data/ingest.py): `source` is a folder of videos/images with same-named .txt
+    # captions, or a .csv/.jsonl with path and text columns; `out` the shard directory (data.path for training)
+    source: Optional[str] = None
+    out: Optional[str] = None
+    samples_per_shard: int = 128
+    # processes per rank; 0 = in the main process
+    workers: int = 0
+    # "decode": decode every frame (exact counts, finds damage anywhere); "packets": demux only, decode frame 0
+    probe: str = "decode"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +204,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     # the name of the experiment that was composed (set by conf/experiment/*.yaml)
     experiment: str = MISSING
     # free-form prompts for launch/sample.py (`'prompts=["a red circle moving left"]'`)
