@@ -3,6 +3,12 @@
 Training reads clips from mp4 bytes held in WebDataset shards (`decode_video`); the sampler saves its outputs
 with `write_mp4`; the demo evaluator reads them back with `read_video_file`.
 
+A clip that starts late in a long video is decoded from the nearest keyframe before it (PyAV's seek), not
+from frame 0: frame index i means the i-th frame in presentation order, which we map to a timestamp by
+demuxing the packets (no decoding, a small cost next to decoding a frame). Seeking gives bitwise the frames
+of decoding from frame 0; any doubt on the way (no timestamps, a seek that lands after the clip, a timestamp
+that is not the expected one) falls back to decoding from frame 0.
+
 We encode H.264 with 4:4:4 chroma by default: at the demo's 32x32, 4:2:0 subsampling smears an 8-pixel shape's
 colour into the background, and the demo's evaluation reads colours from pixels. Some players (browsers,
 QuickTime) cannot play 4:4:4; pass `pix_fmt="yuv420p"` (even sizes only) for files meant for people.
@@ -13,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -72,6 +79,94 @@ def _decode_frames(data: bytes, wanted: set[int] | None, stop: int | None) -> tu
     return frames, count
 
 
+@dataclass
+class _FrameTable:
+    """Presentation timestamps of a video stream, from its packets (stream time base, ascending)."""
+
+    pts: list[int]  # pts[i] is the timestamp of frame i
+    keyframes: list[int]  # timestamps of the keyframes
+
+    def keyframes_before(self, index: int) -> list[int]:
+        """Keyframe timestamps at or before frame `index`, nearest first."""
+        return sorted((k for k in self.keyframes if k <= self.pts[index]), reverse=True)
+
+
+def _frame_table(data: bytes) -> _FrameTable | None:
+    """The stream's frame timestamps from demuxing alone; None when a packet has none (e.g. some AVIs).
+
+    We scan packets rather than read the container's index: mp4's index holds decode timestamps and
+    Matroska's only keyframes, while the packets give every frame's presentation timestamp in any container.
+    """
+    container = _open(data)
+    pts, keyframes = [], []
+    try:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # the end-of-stream flush; frames an edit list drops
+                continue
+            if packet.pts is None:
+                return None
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+    except av.error.FFmpegError:
+        return None
+    finally:
+        container.close()
+    pts.sort()
+    return _FrameTable(pts, keyframes) if pts else None
+
+
+def _keyframe_after_start(table: _FrameTable, index: int) -> bool:
+    """Whether a keyframe later than frame 0 precedes frame `index`: only then does seeking save work."""
+    nearest = table.keyframes_before(index)
+    return bool(nearest) and nearest[0] > table.pts[0]
+
+
+def _decode_after_seek(data: bytes, table: _FrameTable, wanted: list[int]) -> dict[int, np.ndarray] | None:
+    """Frames `wanted` (ascending indices), decoded from the nearest keyframe before the first of them.
+
+    Returns None when seeking cannot be trusted for this file; the caller then decodes from frame 0.
+    """
+    container = _open(data)
+    try:
+        stream = container.streams.video[0]
+        # Some demuxers seek on decode timestamps, which can land one keyframe late: then try the one before.
+        for keyframe in table.keyframes_before(wanted[0])[:2]:
+            container.seek(keyframe, backward=True, any_frame=False, stream=stream)
+            frames = _decode_from_position(container, stream, table, wanted)
+            if frames is not None:
+                return frames
+        return None
+    except av.error.FFmpegError:
+        return None
+    finally:
+        container.close()
+
+
+def _decode_from_position(container, stream, table: _FrameTable, wanted: list[int]) -> dict[int, np.ndarray] | None:
+    """Decode forward from where the container stands; None if frame wanted[0] is not met where expected."""
+    want, frames, index = set(wanted), {}, None
+    target = table.pts[wanted[0]]
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            return None
+        if index is None:
+            if frame.pts > target:
+                return None  # the seek landed after the clip's first frame
+            if frame.pts < target:
+                continue
+            index = wanted[0]
+        if frame.pts != table.pts[index]:
+            return None  # a frame missing or extra: the index -> timestamp map does not hold
+        if index in want:
+            frames[index] = frame.to_ndarray(format="rgb24")
+        if index == wanted[-1]:
+            return frames
+        index += 1
+    return None
+
+
 def _frame_count_hint(data: bytes) -> int:
     """Frame count from the container header (0 when unknown). Headers can be wrong; callers verify."""
     container = _open(data)
@@ -111,13 +206,15 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
 
 
 def decode_video(data: bytes, num_frames: int, height: int, width: int, frame_stride: int = 1,
-                 start: int | None = None, rng: random.Random | None = None) -> torch.Tensor:
+                 start: int | None = None, rng: random.Random | None = None, seek: bool = True) -> torch.Tensor:
     """Decode a clip of `num_frames` frames from encoded video bytes.
 
     Args:
-        data: the encoded file (mp4, webm, ...).
+        data: the encoded file (mp4, webm, ..., or a jpg/png/webp image: one frame).
         frame_stride: take every `frame_stride`-th source frame.
         start: index of the first source frame; None picks one at random from `rng` (0 without rng).
+        seek: start decoding at the nearest keyframe before the clip (the same frames, bitwise); False
+            decodes from frame 0.
     Returns:
         float32 (3, num_frames, height, width) in [-1, 1].
     Raises:
@@ -126,13 +223,19 @@ def decode_video(data: bytes, num_frames: int, height: int, width: int, frame_st
     if num_frames < 1 or frame_stride < 1:
         raise ValueError(f"num_frames={num_frames} and frame_stride={frame_stride} must be >= 1")
     total = _frame_count_hint(data)
-    frames: dict[int, np.ndarray] = {}
+    table = _frame_table(data) if seek else None
+    if total == 0 and table is not None:
+        total = len(table.pts)  # Matroska/WebM headers carry no frame count; the packets do
+    frames: dict[int, np.ndarray] | None = None
     if total > 0:
         first = _pick_start(total, num_frames, frame_stride, start, rng)
         wanted = [first + i * frame_stride for i in range(num_frames)]
-        frames, decoded = _decode_frames(data, set(wanted), stop=wanted[-1] + 1)
-        if decoded <= wanted[-1]:
-            total = 0  # the header lied: count the frames for real below
+        if table is not None and wanted[-1] < len(table.pts) and _keyframe_after_start(table, first):
+            frames = _decode_after_seek(data, table, wanted)
+        if frames is None:
+            frames, decoded = _decode_frames(data, set(wanted), stop=wanted[-1] + 1)
+            if decoded <= wanted[-1]:
+                total = 0  # the header lied: count the frames for real below
     if total == 0:
         frames, total = _decode_frames(data, None, stop=None)
         first = _pick_start(total, num_frames, frame_stride, start, rng)
