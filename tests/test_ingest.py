@@ -300,3 +300,16 @@ def test_launcher_exit_codes_and_parallel_ranks(source, prepared, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert output_bytes(out) == output_bytes(prepared)
     assert "broken.mp4: unreadable" in run.stdout and "uncaptioned.png: no caption" in run.stdout
+
+
+def test_the_same_file_twice_is_one_sample(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_image(src / "a.png", "png", "rgb24", 16, 16)
+    (src / "link.png").symlink_to(src / "a.png")
+    for stem in ("a", "link"):
+        (src / f"{stem}.txt").write_text("a caption")
+    run_prepare(settings(src, tmp_path / "out"), log=lambda _: None)
+    index = (tmp_path / "out" / "index.jsonl").read_text().splitlines()
+    bad = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["bad"]
+    assert len(index) == 1 and [(Path(b["path"]).name, b["reason"].split(":")[0]) for b in bad] == [("link.png", "duplicate")]

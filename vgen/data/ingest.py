@@ -234,8 +234,8 @@ def merge_if_complete(settings: PrepareSettings, plans: list[ShardPlan], listing
               "probe": settings.probe, "bad": bad}
     _write_atomic(settings.out / REPORT_NAME, json.dumps(report, indent=1))
     log(f"[prepare] {report['samples']} samples ({kinds['video']} videos, {kinds['image']} images) in "
-        f"{report['shards']} shards under {settings.out}; {len(bad)} files left out "
-        f"(listed in {settings.out / REPORT_NAME}):")
+        f"{report['shards']} shards under {settings.out}; {len(bad)} files left out"
+        + (f" (listed in {settings.out / REPORT_NAME}):" if bad else ""))
     for b in bad:
         log(f"  {b['path']}: {b['reason']}")
     if not samples:

@@ -62,19 +62,23 @@ def list_source(source: str | os.PathLike) -> tuple[list[SourceEntry], list[BadF
 
 def _list_folder(root: Path) -> tuple[list[SourceEntry], list[BadFile]]:
     """Every media file under `root` (recursively); its caption is the .txt file of the same name."""
-    entries, bad = [], []
+    entries: dict[str, SourceEntry] = {}
+    bad = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if media_extension(name) is None:
                 continue  # captions themselves, and anything else that is not media
-            media = Path(dirpath, name).resolve()
-            caption, problem = _read_caption(media.with_suffix(".txt"))
-            if problem:
-                bad.append(BadFile(str(media), problem))
+            link = Path(dirpath, name)
+            media = str(link.resolve())  # resolved, as a table's paths are, so both give the same shards
+            caption, problem = _read_caption(link.with_suffix(".txt"))
+            if media in entries:
+                bad.append(BadFile(str(link), f"duplicate: the same file as {media}, which is kept"))
+            elif problem:
+                bad.append(BadFile(media, problem))
             else:
-                entries.append(SourceEntry(str(media), caption))
-    return entries, bad
+                entries[media] = SourceEntry(media, caption)
+    return list(entries.values()), bad
 
 
 def _read_caption(path: Path) -> tuple[str, str | None]:
