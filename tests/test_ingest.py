@@ -313,3 +313,17 @@ def test_the_same_file_twice_is_one_sample(tmp_path):
     index = (tmp_path / "out" / "index.jsonl").read_text().splitlines()
     bad = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["bad"]
     assert len(index) == 1 and [(Path(b["path"]).name, b["reason"].split(":")[0]) for b in bad] == [("link.png", "duplicate")]
+
+
+def test_launcher_main_exits_2_on_an_empty_folder(tmp_path, monkeypatch, capsys):
+    from launch import prepare as launcher
+    from launch.common import run_cli
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["launch/prepare.py", f"prepare.source={tmp_path / 'empty'}",
+                                      f"prepare.out={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(launcher.main)
+    assert exit_info.value.code == 2
+    assert f"prepare.source={tmp_path / 'empty'} holds no videos or images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
