@@ -12,6 +12,7 @@ temporal self-attention; cross-attention sends nothing):
   flops                  kernel FLOPs of one forward + backward (torch.utils.flop_counter)
   peak_bytes             peak of the storages one forward + backward allocated (dispatch-level tracker,
                          vgen.parallel.memory_sim.StorageTracker), beyond q, k, v and the output grad
+Also the growth of one rank's peak on real CPU tensors at two lengths 4x apart (`memory_growth`).
 The grouped attention's FLOPs (the whole sequence in one process) and the size of one dense (C x C) fp32
 score matrix of the previous ring implementation are given for comparison. Writes
 benchmarks/results/sp_ring_<preset>.json (device, command, commit, raw figures).
@@ -44,7 +45,7 @@ from vgen.parallel.memory_sim import StorageTracker  # noqa: E402
 from vgen.parallel.sequence import make_core  # noqa: E402
 from vgen.parallel.topology import build_topology  # noqa: E402
 
-DEFAULT_SHAPES = ("21x60x104x4", "21x60x104x8", "21x90x160x8", "81x90x160x8")
+DEFAULT_SHAPES = ("21x60x104x4", "21x60x104x8", "21x90x160x8")
 
 
 @contextlib.contextmanager
@@ -145,6 +146,20 @@ def _shape_rows(shape: str, modes, heads: int, head_dim: int, patch, dtype) -> l
     return rows
 
 
+def memory_growth(modes, frames=(67, 268), hw=(15, 16), degree=4, rank=1) -> list[dict]:
+    """Peak of one attention forward + backward of one rank on real CPU tensors (fp32, 2 heads x 32) at
+    two lengths 4x apart: 4,020 and 16,080 tokens per rank (tests/test_sp_ring.py asserts <= 5x)."""
+    rows = []
+    for mode in modes:
+        for kind in ("spatial", "temporal"):
+            peaks = [measure_rank(mode, degree, kind, (t, *hw), heads=2, head_dim=32, rank=rank)["peak_bytes"] for t in frames]
+            rows.append(dict(mode=mode, kind=kind, degree=degree, rank=rank, grids=[[t, *hw] for t in frames],
+                             local_tokens=[t * hw[0] * hw[1] // degree for t in frames], peak_bytes=peaks,
+                             growth=peaks[1] / peaks[0]))
+            print(f"{mode:6s} {kind:8s} peak {peaks[0] / 2**20:.1f} -> {peaks[1] / 2**20:.1f} MiB: x{peaks[1] / peaks[0]:.2f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="2b")
@@ -157,6 +172,7 @@ def main() -> None:
 
     cfg = resolve_preset(args.preset)
     dtype = getattr(torch, args.dtype)
+    growth = memory_growth(args.modes)
     rows = [row for s in args.shapes for row in _shape_rows(s, args.modes, cfg.heads, cfg.hidden // cfg.heads, cfg.patch, dtype)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = dict(
@@ -165,7 +181,7 @@ def main() -> None:
         heads=cfg.heads, head_dim=cfg.hidden // cfg.heads, dtype=args.dtype, batch=1,
         note="per rank, one attention forward + backward; a block = one spatial + one temporal attention. "
              "Step time on a GPU: unmeasured (no GPU in this task).",
-        rows=rows,
+        memory_growth=growth, rows=rows,
     )
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"sp_ring_{args.preset}.json"
     out.write_text(json.dumps(result, indent=1))

@@ -179,17 +179,19 @@ def _take(x: torch.Tensor, r: Rect, base: int, kind: str, g0: int, g1: int) -> t
 
 
 def _post(sends, recvs, spec: RingSpec, label: str, tag: int):
-    """Post async P2P: sends = [(position, tensor)], recvs = [(position, buffer)]. Returns the works.
+    """Post async P2P: sends = [(position, tensor)], recvs = [(position, buffer)]. Returns (works, the
+    tensors in flight), which the caller holds until `_wait`: a send buffer must outlive its transfer.
     Counts the bytes sent under `label` (comm.COUNTER)."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), spec.ranks[p], spec.group, tag) for p, t in sends]
+    tensors = [(p, t.contiguous()) for p, t in sends]
+    ops = [dist.P2POp(dist.isend, t, spec.ranks[p], spec.group, tag) for p, t in tensors]
     ops += [dist.P2POp(dist.irecv, t, spec.ranks[p], spec.group, tag) for p, t in recvs]
-    for _, t in sends:
+    for _, t in tensors:
         COUNTER.add(label, nbytes(t))
-    return dist.batch_isend_irecv(ops) if ops else []
+    return (dist.batch_isend_irecv(ops) if ops else []), tensors + recvs
 
 
-def _wait(works) -> None:
-    for work in works:
+def _wait(pending) -> None:
+    for work in pending[0]:
         work.wait()
 
 
@@ -243,7 +245,7 @@ class RingAttention(torch.autograd.Function):
                 kp, vp = (_groups(_take(t, pc.k, base, kind, pc.g0, pc.g1)) for t in kv)
                 o, l = attention_forward(qp, kp, vp, d**-0.5)  # (B*G, Lq, h, d), (B*G, h, Lq)
                 _merge(_take(out, pc.q, plan.base, kind, pc.g0, pc.g1), _take(lse, pc.q, plan.base, kind, pc.g0, pc.g1),
-                       o.float().unflatten(0, (B, -1)), l.transpose(1, 2).unflatten(0, (B, -1)))
+                       o.to(out.dtype).unflatten(0, (B, -1)), l.transpose(1, 2).unflatten(0, (B, -1)))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.kind, ctx.grid = spec, kind, tuple(grid)
