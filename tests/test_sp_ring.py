@@ -221,3 +221,34 @@ def test_cpu_kernel_returns_lse_and_takes_it_back():
 def test_cuda_kernels_return_lse_and_take_it_back(dtype):
     """flash-attn (bf16, when installed) or PyTorch's memory-efficient kernel: unverified until a GPU runs this."""
     _check_kernel("cuda", dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_next_transfer_posted_before_current_chunk_computes(monkeypatch):
+    """Overlap is a schedule: step s+1's K/V transfer is posted before step s's kernels run (forward and
+    backward), and each step's partial dK/dV is posted as soon as it is computed."""
+    import itertools
+
+    from vgen.parallel import ring
+
+    events = []
+
+    def log_post(sends, recvs, spec, label, tag):
+        if sends or recvs:
+            events.append(("kv " if tag == ring.KV_TAG else "dkv ") + label)
+        return post(sends, recvs, spec, label, tag)
+
+    def log_kernel(fn):
+        def wrapper(*args, **kwargs):
+            events.append("kernel")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    post = ring._post
+    monkeypatch.setattr(ring, "_post", log_post)
+    monkeypatch.setattr(ring, "attention_forward", log_kernel(ring.attention_forward))
+    monkeypatch.setattr(ring, "attention_backward", log_kernel(ring.attention_backward))
+    bench.measure_rank("ring", 4, "temporal", (4, 4, 4), heads=2, head_dim=8, rank=1)  # every chunk pair computes
+    runs = [k for k, _ in itertools.groupby(events)]  # one step's kernel calls collapse into one entry
+    kv, kvb, dkv, K = "kv temporal/fwd", "kv temporal/bwd", "dkv temporal/bwd", "kernel"
+    # own chunk, steps 1, 2, 3 (the last two computes are adjacent: nothing left to post between them)
+    assert runs == [kv, K, kv, K, kv, K] + [kvb, K, kvb, K, dkv, kvb, K, dkv, K, dkv], runs
