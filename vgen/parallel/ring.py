@@ -9,8 +9,10 @@ each chunk every position needs and the batched kernel calls ("pieces") of each 
   * Transfers. At step s (1..n-1) position i receives from i-s the K/V of the tokens it needs and sends to
     i+s what i+s needs of its own chunk; steps with nothing to move are skipped. Spatial chunks of at least
     a frame exchange only the partial frames at their borders, with their neighbours; temporal chunks of
-    at least a frame need every chunk whole, which is the usual ring volume. The next step's transfer is
-    posted before the current chunk is computed, so it overlaps.
+    at least a frame need every chunk whole, which is the usual ring volume. Chunks go straight to the
+    rank at offset s rather than hop by hop, so no rank forwards K/V it does not use; each step is still a
+    permutation (one peer to send to, one to receive from). The next step's transfer is posted before the
+    current chunk is computed, so it overlaps.
   * Pieces. A chunk's tokens form at most three rectangles of frames x positions (a partial first frame,
     whole frames, a partial last frame). A piece is a query rectangle against a key rectangle over the
     groups both hold: one kernel call batched over those groups. Summed over pieces and chunk pairs this is
