@@ -1,33 +1,43 @@
 """Ring attention (Liu et al., arXiv 2310.01889) for the spatial and temporal cores, and the hybrid of
-Ulysses inside groups with a ring across them (USP, arXiv 2405.07719).
+Ulysses inside groups with a ring across them (USP, arXiv 2405.07719), on a fused kernel that returns the
+log-sum-exp (vgen/parallel/fused_attention.py).
 
-Each rank keeps its query chunk; K/V chunks travel around the ring by P2P. The transfer of the next chunk
-is posted before the current chunk is computed, so it overlaps. Partial outputs are merged with their
-log-sum-exp in fp32. Backward runs a second ring: K/V travel again, and each chunk's dK/dV accumulator
-travels with it, one hop behind, arriving home after a full turn.
-
-Exact grouping: a chunk pair attends only where both tokens are real and share a frame (spatial) or a
-spatial position (temporal), derived from global token indices; pairs with no such token are skipped
-(still forwarded). Cost: the mask is dense per chunk pair, so a computed pair costs chunk^2 scores, not
-the chunk * H*W (spatial) or chunk * T (temporal) the grouped attention needs; for ST-DiT prefer switch
-(exact FLOPs) or Ulysses, and use ring where heads do not split over the degree. The block math is plain
-fp32 PyTorch; a fused kernel returning the log-sum-exp can replace `_block_forward`/`_block_backward`.
+Position i of the ring holds the token chunk [i*C, (i+1)*C) of the (t, h, w) sequence (padding at the end).
+A query chunk needs K/V only from the chunks that share an attention group with it: a frame (spatial) or a
+spatial position (temporal). `ring_plan` works out on the host, from the grid alone, which token range of
+each chunk every position needs and the batched kernel calls ("pieces") of each chunk pair:
+  * Transfers. At step s (1..n-1) position i receives from i-s the K/V of the tokens it needs and sends to
+    i+s what i+s needs of its own chunk; steps with nothing to move are skipped. Spatial chunks of at least
+    a frame exchange only the partial frames at their borders, with their neighbours; temporal chunks of
+    at least a frame need every chunk whole, which is the usual ring volume. Chunks go straight to the
+    rank at offset s rather than hop by hop, so no rank forwards K/V it does not use; each step is still a
+    permutation (one peer to send to, one to receive from). The next step's transfer is posted before the
+    current chunk is computed, so it overlaps.
+  * Pieces. A chunk's tokens form at most three rectangles of frames x positions (a partial first frame,
+    whole frames, a partial last frame). A piece is a query rectangle against a key rectangle over the
+    groups both hold: one kernel call batched over those groups. Summed over pieces and chunk pairs this is
+    exactly the grouped attention's work, and no score matrix exists outside the kernel.
+Partial outputs are merged with their log-sum-exp in fp32; the saved output is in the model's dtype.
+Backward re-sends the K/V, runs each piece's kernel backward with the final (merged) output and LSE, and
+sends each partial dK/dV (model dtype) straight back to the chunk's owner, which sums them in fp32.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vgen.models.attention import AttentionCore
-from vgen.parallel.comm import exchange, wait_all
+from vgen.parallel.comm import COUNTER, nbytes
+from vgen.parallel.fused_attention import attention_backward, attention_forward
 from vgen.parallel.ulysses import heads_to_seq, seq_to_heads
 
+# gloo matches messages by (peer, tag) in order: with two ranks, K/V and dK/dV go the same way at once
 KV_TAG, DKV_TAG = 0, 1
 
 
@@ -41,131 +51,256 @@ class RingSpec:
     def size(self) -> int:
         return len(self.ranks)
 
-    @property
-    def next(self) -> int:
-        return self.ranks[(self.index + 1) % self.size]
+
+@dataclass(frozen=True)
+class Rect:
+    """Consecutive tokens starting at global index `start` that fill frames [f0, f1) x positions [p0, p1):
+    either part of one frame or whole frames, so they view as (frames, positions) without a copy."""
+
+    start: int
+    f0: int
+    f1: int
+    p0: int
+    p1: int
 
     @property
-    def prev(self) -> int:
-        return self.ranks[(self.index - 1) % self.size]
+    def size(self) -> int:
+        return (self.f1 - self.f0) * (self.p1 - self.p0)
 
 
-def _group_ids(idx: torch.Tensor, kind: str, positions: int) -> torch.Tensor:
-    if kind == "spatial":
-        return idx // positions  # frame
-    if kind == "temporal":
-        return idx % positions  # spatial position
-    return torch.zeros_like(idx)  # "full"
+@dataclass(frozen=True)
+class Piece:
+    """One kernel call: queries of rectangle `q` against keys of rectangle `k` in groups [g0, g1)
+    (frames for spatial, positions for temporal)."""
+
+    q: Rect
+    k: Rect
+    g0: int
+    g1: int
 
 
-def _indices(chunk: int, i: int, device=None) -> torch.Tensor:
-    return torch.arange(i * chunk, (i + 1) * chunk, device=device)
+@dataclass(frozen=True)
+class Step:
+    """What this position moves at ring step `offset`: (peer position, first token, end token) or None."""
+
+    offset: int
+    recv: tuple[int, int, int] | None
+    send: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    kind: str
+    base: int  # first token of this position's chunk
+    steps: tuple[Step, ...]
+    pieces: dict  # source position -> tuple[Piece, ...] (a dict: the plan is cached, never mutated)
+
+
+def _frame_size(kind: str, grid) -> int:
+    T, H, W = grid
+    return T * H * W if kind == "full" else H * W  # "full": the whole sequence is one group
+
+
+def _chunk_range(index: int, chunk: int, tokens: int) -> tuple[int, int]:
+    """Real tokens of chunk `index` (empty when the chunk is all padding)."""
+    lo = min(index * chunk, tokens)
+    return lo, min(lo + chunk, tokens)
 
 
 @functools.lru_cache(maxsize=4096)
-def _pair_needed(kind: str, grid: tuple[int, int, int], chunk: int, qi: int, kj: int) -> bool:
-    """Whether query chunk qi has any real key in chunk kj (decided on the host, no device sync)."""
+def needed_range(kind: str, grid: tuple[int, int, int], chunk: int, qi: int, kj: int) -> tuple[int, int] | None:
+    """The smallest token range of chunk kj holding every key a query of chunk qi attends to, or None.
+    Plain integers (no tensors), so the plan is the same under fake tensors."""
     T, H, W = grid
-    q, k = _indices(chunk, qi), _indices(chunk, kj)
-    q, k = q[q < T * H * W], k[k < T * H * W]
-    return bool(torch.isin(_group_ids(q, kind, H * W), _group_ids(k, kind, H * W)).any())
-
-
-def block_mask(kind: str, grid, chunk: int, qi: int, kj: int, device) -> torch.Tensor | None:
-    """(chunk, chunk) bool: query of chunk qi may attend key of chunk kj; None when nothing may."""
-    if not _pair_needed(kind, tuple(grid), chunk, qi, kj):
+    P = _frame_size(kind, grid)
+    (q0, q1), (k0, k1) = _chunk_range(qi, chunk, T * H * W), _chunk_range(kj, chunk, T * H * W)
+    if q0 == q1 or k0 == k1:
         return None
+    if kind != "temporal":  # the frames of chunk qi, a run of whole-frame token ranges
+        lo, hi = max(k0, q0 // P * P), min(k1, ((q1 - 1) // P + 1) * P)
+        return (lo, hi) if lo < hi else None
+    positions = set(range(P)) if q1 - q0 >= P else {t % P for t in range(q0, q1)}
+    first = next((t for t in range(k0, min(k1, k0 + P)) if t % P in positions), None)
+    if first is None:
+        return None
+    last = next(t for t in range(k1 - 1, max(k0, k1 - P) - 1, -1) if t % P in positions)
+    return first, last + 1
+
+
+def rects(lo: int, hi: int, P: int) -> tuple[Rect, ...]:
+    """Tokens [lo, hi) as at most three rectangles: a partial first frame, whole frames, a partial last."""
+    out, pos = [], lo
+    while pos < hi:
+        f, p = divmod(pos, P)
+        if p == 0 and hi - pos >= P:
+            n = (hi - pos) // P
+            out.append(Rect(pos, f, f + n, 0, P))
+            pos += n * P
+        else:
+            end = min(hi, (f + 1) * P)
+            out.append(Rect(pos, f, f + 1, p, end - f * P))
+            pos = end
+    return tuple(out)
+
+
+def _pieces(kind: str, q_rects, k_rects) -> tuple[Piece, ...]:
+    out = []
+    for a in q_rects:
+        for b in k_rects:
+            g0, g1 = (max(a.p0, b.p0), min(a.p1, b.p1)) if kind == "temporal" else (max(a.f0, b.f0), min(a.f1, b.f1))
+            if g0 < g1:
+                out.append(Piece(a, b, g0, g1))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def ring_plan(kind: str, grid: tuple[int, int, int], chunk: int, size: int, index: int) -> RingPlan:
+    """Transfers and kernel calls of ring position `index` (see the module docstring)."""
     T, H, W = grid
-    q, k = _indices(chunk, qi, device), _indices(chunk, kj, device)
-    same = _group_ids(q, kind, H * W)[:, None] == _group_ids(k, kind, H * W)[None, :]
-    return same & (q < T * H * W)[:, None] & (k < T * H * W)[None, :]
+    P = _frame_size(kind, grid)
+    lo, hi = _chunk_range(index, chunk, T * H * W)
+    pieces = {index: _pieces(kind, rects(lo, hi, P), rects(lo, hi, P))}
+    steps = []
+    for s in range(1, size):
+        src, dst = (index - s) % size, (index + s) % size
+        need, give = needed_range(kind, grid, chunk, index, src), needed_range(kind, grid, chunk, dst, index)
+        if need is not None:
+            pieces[src] = _pieces(kind, rects(lo, hi, P), rects(*need, P))
+        if need is not None or give is not None:
+            steps.append(Step(s, None if need is None else (src, *need), None if give is None else (dst, *give)))
+    return RingPlan(kind, index * chunk, tuple(steps), pieces)
 
 
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp with -inf (rows without keys) replaced by 0, so exp(s - lse) stays 0, not NaN."""
-    return lse.masked_fill(torch.isinf(lse), 0.0)
+def _take(x: torch.Tensor, r: Rect, base: int, kind: str, g0: int, g1: int) -> torch.Tensor:
+    """(B, C, ...) tokens from global index `base` on -> (B, G, L, ...) view of rectangle r's tokens in
+    groups [g0, g1), each group's tokens in order."""
+    v = x[:, r.start - base : r.start - base + r.size].unflatten(1, (r.f1 - r.f0, r.p1 - r.p0))
+    if kind == "temporal":
+        return v[:, :, g0 - r.p0 : g1 - r.p0].transpose(1, 2)
+    return v[:, g0 - r.f0 : g1 - r.f0]
 
 
-def _scores(q, k, mask, scale):
-    return (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))  # (B, h, Cq, Ck)
+def _post(sends, recvs, spec: RingSpec, label: str, tag: int):
+    """Post async P2P: sends = [(position, tensor)], recvs = [(position, buffer)]. Returns (works, the
+    tensors in flight), which the caller holds until `_wait`: a send buffer must outlive its transfer.
+    Counts the bytes sent under `label` (comm.COUNTER)."""
+    tensors = [(p, t.contiguous()) for p, t in sends]
+    ops = [dist.P2POp(dist.isend, t, spec.ranks[p], spec.group, tag) for p, t in tensors]
+    ops += [dist.P2POp(dist.irecv, t, spec.ranks[p], spec.group, tag) for p, t in recvs]
+    for _, t in tensors:
+        COUNTER.add(label, nbytes(t))
+    return (dist.batch_isend_irecv(ops) if ops else []), tensors + recvs
 
 
-def _block_forward(q, k, v, mask, scale):
-    """fp32 (B, h, C, d) tensors -> block output (B, h, C, d) and its log-sum-exp (B, h, C)."""
-    s = _scores(q, k, mask, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - _finite(lse)[..., None]) @ v, lse
+def _wait(pending) -> None:
+    for work in pending[0]:
+        work.wait()
 
 
-def _merge(out, lse, blk_out, blk_lse):
-    """Combine two softmax-normalised partial outputs over disjoint keys by their log-sum-exp."""
+def _post_step(kv: torch.Tensor, step: Step, plan: RingPlan, spec, label):
+    """Post one step's K/V transfer; returns (receive buffer or None, works)."""
+    sends = [] if step.send is None else [(step.send[0], kv[:, :, step.send[1] - plan.base : step.send[2] - plan.base])]
+    buf = None if step.recv is None else kv.new_empty(kv.shape[0], kv.shape[1], step.recv[2] - step.recv[1], *kv.shape[3:])
+    return buf, _post(sends, [] if buf is None else [(step.recv[0], buf)], spec, label, KV_TAG)
+
+
+def _incoming(kv: torch.Tensor, plan: RingPlan, spec: RingSpec, label: str):
+    """Yield (step or None for this rank's own chunk, token base, K/V (2, B, L, h, d) or None) for the own
+    chunk and then every step; each step's transfer is posted before the previous one is computed."""
+    pending = _post_step(kv, plan.steps[0], plan, spec, label) if plan.steps else None
+    yield None, plan.base, kv
+    for n, step in enumerate(plan.steps):
+        nxt = _post_step(kv, plan.steps[n + 1], plan, spec, label) if n + 1 < len(plan.steps) else None
+        buf, works = pending
+        _wait(works)
+        yield step, (None if step.recv is None else step.recv[1]), buf
+        pending = nxt
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+    """In place: fold a softmax-normalised block over other keys into (out, lse), views of the fp32
+    accumulators. lse starts at -inf, whose weight exp(-inf - new) is 0."""
     new = torch.logaddexp(lse, blk_lse)
-    ref = _finite(new)[..., None]
-    return out * torch.exp(lse[..., None] - ref) + blk_out * torch.exp(blk_lse[..., None] - ref), new
+    out.copy_(out * (lse - new).exp().unsqueeze(-1) + blk_out * (blk_lse - new).exp().unsqueeze(-1))
+    lse.copy_(new)
 
 
-def _block_backward(q, k, v, out_grad, delta, lse, mask, scale):
-    """Flash-attention backward for one block, given the final (merged) lse and delta = rowsum(dO * O)."""
-    p = torch.exp(_scores(q, k, mask, scale) - _finite(lse)[..., None])  # final probabilities, 0 if masked
-    dv = p.transpose(-1, -2) @ out_grad
-    ds = p * (out_grad @ v.transpose(-1, -2) - delta[..., None])
-    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, dv
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' LSE dtype
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    return x.float().transpose(-3, -2)  # (..., C, h, d) -> (..., h, C, d), fp32 for the math
-
-
-def _rotate(kv: torch.Tensor, spec: RingSpec, label: str):
-    """Yield (chunk index, K/V of that chunk) for every chunk of the ring, starting with this rank's own.
-    The next chunk's transfer is posted before yielding, so it runs while the caller computes."""
-    n = spec.size
-    for s in range(n):
-        if s + 1 < n:
-            nxt, works = exchange(kv, spec.next, spec.prev, spec.group, label, KV_TAG)
-        yield (spec.index - s) % n, kv
-        if s + 1 < n:
-            wait_all(works)
-            kv = nxt
+def _groups(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(0, 1)  # (B, G, L, ...) -> (B*G, L, ...): the kernel's batch of groups
 
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: RingSpec, kind: str, grid):
         # q, k, v: (B, C, h, d), the token chunk `spec.index`; K/V travel in the model's dtype
-        C, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
-        qf = _heads_first(q)  # (B, h, C, d)
-        out, lse = torch.zeros_like(qf), torch.full(qf.shape[:-1], float("-inf"), device=q.device)
-        for j, kv in _rotate(torch.stack([k, v]), spec, f"{kind}/fwd"):
-            mask = block_mask(kind, grid, C, spec.index, j, q.device)
-            if mask is not None:
-                out, lse = _merge(out, lse, *_block_forward(qf, *_heads_first(kv).unbind(0), mask, scale))
+        B, C, h, d = q.shape
+        plan = ring_plan(kind, tuple(grid), C, spec.size, spec.index)
+        out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)  # fp32 merge
+        lse = torch.full((B, C, h), float("-inf"), dtype=_acc_dtype(q), device=q.device)
+        for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, f"{kind}/fwd"):
+            for pc in plan.pieces[spec.index if step is None else step.recv[0]] if kv is not None else ():
+                qp = _groups(_take(q, pc.q, plan.base, kind, pc.g0, pc.g1))
+                kp, vp = (_groups(_take(t, pc.k, base, kind, pc.g0, pc.g1)) for t in kv)
+                o, l = attention_forward(qp, kp, vp, d**-0.5)  # (B*G, Lq, h, d), (B*G, h, Lq)
+                _merge(_take(out, pc.q, plan.base, kind, pc.g0, pc.g1), _take(lse, pc.q, plan.base, kind, pc.g0, pc.g1),
+                       o.to(out.dtype).unflatten(0, (B, -1)), l.transpose(1, 2).unflatten(0, (B, -1)))
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.kind, ctx.grid = spec, kind, grid
-        return out.transpose(1, 2).to(q.dtype)  # (B, C, h, d)
+        ctx.spec, ctx.kind, ctx.grid = spec, kind, tuple(grid)
+        return out  # (B, C, h, d)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        spec, kind, grid = ctx.spec, ctx.kind, ctx.grid
-        C, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
-        qf, dout = _heads_first(q), _heads_first(grad)
-        delta = (dout * out).sum(-1)  # (B, h, C)
-        dq, dkv_in, dkv_works = torch.zeros_like(qf), None, None
-        for s, (j, kv) in enumerate(_rotate(torch.stack([k, v]), spec, f"{kind}/bwd")):
-            dkv = torch.zeros((2, *qf.shape), device=q.device)  # this rank's share of chunk j's dK/dV
-            mask = block_mask(kind, grid, C, spec.index, j, q.device)
-            if mask is not None:
-                dq_b, dk_b, dv_b = _block_backward(qf, *_heads_first(kv).unbind(0), dout, delta, lse, mask, scale)
-                dq += dq_b
-                dkv = torch.stack([dk_b, dv_b])
-            if s > 0:  # chunk j's accumulator, from the rank that held chunk j one step ago
-                wait_all(dkv_works)
-                dkv = dkv + dkv_in
-            dkv_in, dkv_works = exchange(dkv, spec.next, spec.prev, spec.group, f"{kind}/bwd", DKV_TAG)
-        wait_all(dkv_works)  # after a full turn: the complete dK/dV of this rank's own chunk
-        dk, dv = dkv_in.transpose(-3, -2).to(k.dtype).unbind(0)
-        return dq.transpose(1, 2).to(q.dtype), dk, dv, None, None, None
+        spec, kind = ctx.spec, ctx.kind
+        plan = ring_plan(kind, ctx.grid, q.shape[1], spec.size, spec.index)
+        dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+        dkv = torch.zeros((2, *k.shape), dtype=_acc_dtype(q), device=q.device)  # own chunk's dK/dV, summed here
+        returning = []  # (works, buffer, token start) of partial dK/dV of own tokens coming back
+        label = f"{kind}/bwd"
+        for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, label):
+            sends, recvs = [], []
+            if kv is not None:
+                part = dkv if step is None else torch.zeros(kv.shape, dtype=dkv.dtype, device=q.device)
+                src = spec.index if step is None else step.recv[0]
+                _piece_grads(plan, kind, plan.pieces[src], (grad, q, out, lse), kv, base, dq, part)
+                if step is not None:
+                    sends.append((src, part.to(k.dtype)))  # the owner sums the partials in fp32
+            if step is not None and step.send is not None:
+                peer, lo, hi = step.send
+                recvs.append((peer, k.new_empty(2, k.shape[0], hi - lo, *k.shape[2:])))
+            works = _post(sends, recvs, spec, label, DKV_TAG)
+            _drain(returning, dkv, plan.base)  # the previous step's partials: one step behind
+            returning.append((works, recvs[0][1] if recvs else None, step.send[1] if recvs else None))
+        _drain(returning, dkv, plan.base)
+        dk, dv = dkv.to(k.dtype).unbind(0)
+        return dq.to(q.dtype), dk, dv, None, None, None
+
+
+def _piece_grads(plan, kind, pieces, q_side, kv, base, dq, dkv) -> None:
+    """Add each piece's kernel backward to dq (this chunk) and dkv (the K/V tokens from `base` on).
+    q_side = (grad, q, out, lse) of this chunk; out and lse are the final, merged ones."""
+    B, d = dq.shape[0], dq.shape[-1]
+    for pc in pieces:
+        qg, qq, qo, ql = (_groups(_take(t, pc.q, plan.base, kind, pc.g0, pc.g1)) for t in q_side)
+        kp, vp = (_groups(_take(t, pc.k, base, kind, pc.g0, pc.g1)) for t in kv)
+        gq, gk, gv = attention_backward(qg, qq, kp, vp, qo, ql.transpose(1, 2).contiguous(), d**-0.5)
+        _take(dq, pc.q, plan.base, kind, pc.g0, pc.g1).add_(gq.unflatten(0, (B, -1)))
+        for acc, g in zip(dkv, (gk, gv)):
+            _take(acc, pc.k, base, kind, pc.g0, pc.g1).add_(g.unflatten(0, (B, -1)))
+
+
+def _drain(returning: list, dkv: torch.Tensor, own_base: int) -> None:
+    """Wait for the posted dK/dV exchanges and add the partials that came back into dkv."""
+    while returning:
+        works, buf, start = returning.pop(0)
+        _wait(works)
+        if buf is not None:
+            dkv[:, :, start - own_base : start - own_base + buf.shape[2]] += buf
 
 
 class RingCore(nn.Module):
