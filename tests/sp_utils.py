@@ -2,7 +2,7 @@
 forward/backward with the single-process one.
 
 A case is a dict: mode, degree, ulysses_degree, frames, hw (tokens per frame as (h, w)), batch, and
-optionally `broken` (leave the plain cores in place: the negative control that must fail).
+optionally `broken` (switch without its temporal exchange: the negative control that must fail).
 """
 
 from __future__ import annotations
@@ -93,24 +93,28 @@ def read_results(out_dir: str, world: int) -> list:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-class LocalFramesCore(torch.nn.Module):
-    """A plausible bug for the negative control: switch's temporal core without its all-to-all, so each
-    position attends over the rank's own frames only."""
+class LocalFramesSeam(torch.nn.Module):
+    """A plausible bug for the negative control: switch's temporal seam without its exchange, so each
+    position attends over the rank's own frames only (the temporal core is the plain one)."""
 
-    def __init__(self, core):
+    def __init__(self, seam):
         super().__init__()
-        self.core = core
+        self.sp_size, self.index = seam.sp_size, seam.index
 
-    def forward(self, q, k, v, grid, kv_mask=None):
+    def send(self, h, rope, grid):
         from vgen.parallel.comm import shard_plan
 
-        plan = shard_plan(tuple(grid), self.core.sp_size, "switch")
-        return self.core.local(q, k, v, (plan.frames_local, *grid[1:]))
+        plan = shard_plan(tuple(grid), self.sp_size, "switch")
+        return h, rope, (plan.frame_count(self.index), *grid[1:])
+
+    def run(self, layer, sent):
+        return layer(*sent)
 
 
-def _break_temporal(model) -> None:
+def break_switch_temporal(model) -> None:
     for block in model.blocks:
-        block.temporal.core = LocalFramesCore(block.temporal.core)
+        block.temporal_seam = LocalFramesSeam(block.temporal_seam)
+        block.temporal.core = block.temporal.core.local
 
 
 def _reduced_grads(model, group, divide: float) -> dict:
@@ -137,7 +141,7 @@ def run_case(case: dict) -> dict:
     topo = build_topology(cfg, heads=ref.cfg.heads)
     model = apply_sequence_parallel(tiny_model(), topo, cfg)
     if case.get("broken"):
-        _break_temporal(model)
+        break_switch_temporal(model)
     scale = sp_loss_scale(topo)
     COUNTER.reset()
     out = forward_backward(model, inputs, scale)
