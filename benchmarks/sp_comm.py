@@ -259,7 +259,23 @@ def main() -> None:
     }
     (out / "sp_modes.json").write_text(json.dumps(result, indent=2))
     _plot(results, out / "sp_modes.png")
+    print(markdown(result))
     print(f"wrote {out / 'sp_modes.json'} and {out / 'sp_modes.png'}")
+
+
+def markdown(result: dict) -> str:
+    """The README's table from a result (python -c "...markdown(json.load(...))" re-renders a saved one)."""
+    lines = ["| frames × tokens, degree | mode | fwd KB | bwd KB | activations | × Ulysses | re-sent KB block / selective / nested | block GFLOP | attention GFLOP | peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["shapes"]:
+        shape = f"{r['frames']} × {r['hw'][0]}×{r['hw'][1]}, sp={r['degree']}"
+        for mode, e in r["modes"].items():
+            resent = " / ".join(f"{e[f'resent_{p}'] / 1024:,.0f}" for p in POLICIES[1:])
+            lines.append(f"| {shape} | {mode} | {e['fwd_bytes'] / 1024:,.0f} | {e['bwd_bytes'] / 1024:,.0f} | "
+                         f"{e['fwd_activations']:.2f} | {e['fwd_over_ulysses']:.2f} | {resent} | {e['block_flops'] / 1e9:.3f} | "
+                         f"{e['attention_flops'] / 1e9:.3f} | {e['peak_bytes'] / 2**20:.1f} |")
+            shape = ""
+    return "\n".join(lines)
 
 
 def _print(shape, table) -> None:

@@ -302,3 +302,19 @@ def test_deepspeed_sp_run_matches_single_process(tmp_path):
     for a, b in zip(rows["sp"], rows["one"]):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) <= TOL * abs(b[key]), f"step {b['step']} {key}: sp {a[key]} vs one rank {b[key]}"
+
+
+def test_rope_rows_are_rows_of_the_full_table():
+    """A rank's RoPE rows (its token range, padding rows as the identity; switch's (frame, position) rows)
+    equal the same rows of the full table, and are cached per grid."""
+    from vgen.models.rope import rope_tables
+
+    grid, d = (5, 3, 3), 16
+    cos, sin = rope_tables(grid, d)
+    c, s = rope_tables(grid, d, rows=("tokens", 36, 48))  # the last of 4 shards of 12: 9 real, 3 padding
+    assert torch.equal(c[:9], cos[36:]) and torch.equal(s[:9], sin[36:])
+    assert torch.equal(c[9:], torch.ones_like(c[9:])) and torch.equal(s[9:], torch.zeros_like(s[9:]))
+    c, s = rope_tables(grid, d, rows=("positions", 3, 6))  # every frame's positions 3..5
+    index = torch.tensor([t * 9 + p for t in range(5) for p in range(3, 6)])
+    assert torch.equal(c, cos[index]) and torch.equal(s, sin[index])
+    assert rope_tables(grid, d, rows=("positions", 3, 6))[0] is c
