@@ -2,7 +2,7 @@
 forward/backward with the single-process one.
 
 A case is a dict: mode, degree, ulysses_degree, frames, hw (tokens per frame as (h, w)), batch, and
-optionally `broken` (leave the plain cores in place: the negative control that must fail).
+optionally `broken` (switch without its temporal exchange: the negative control that must fail).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vgen.models import VideoDiT, resolve_preset
 
@@ -69,7 +71,8 @@ def make_inputs(case: dict, in_channels: int, seed: int = 1):
 
 
 def sp_config(case: dict):
-    return SimpleNamespace(mode=case["mode"], degree=case["degree"], ulysses_degree=case.get("ulysses_degree", 1))
+    return SimpleNamespace(mode=case["mode"], degree=case["degree"], ulysses_degree=case.get("ulysses_degree", 1),
+                           shard_loss=bool(case.get("shard_loss")))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,12 +80,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def forward_backward(model, inputs, scale: float = 1.0):
+def forward_backward(model, inputs, scale: float = 1.0, shard_loss: bool = False):
+    """Forward and backward of a loss; returns (output or None, loss value). The plain loss weights every
+    output element; the shard loss is the flow-matching MSE against `weights` as the target, from this
+    rank's tokens (vgen.parallel.sequence.shard_mse)."""
+    from vgen.parallel.sequence import shard_mse
+
     x, t, text, mask, weights = inputs
     model.zero_grad(set_to_none=True)
     out = model(x, t, text, mask)
-    ((out * weights).sum() * scale).backward()
-    return out.detach()
+    loss = shard_mse(model, out, weights) if shard_loss else (out * weights).sum()
+    (loss * scale).backward()
+    return (None if out.shape != x.shape else out.detach()), float(loss.detach())
 
 
 def write_result(out_dir: str, rank: int, results) -> None:
@@ -93,24 +102,28 @@ def read_results(out_dir: str, world: int) -> list:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-class LocalFramesCore(torch.nn.Module):
-    """A plausible bug for the negative control: switch's temporal core without its all-to-all, so each
-    position attends over the rank's own frames only."""
+class LocalFramesSeam(torch.nn.Module):
+    """A plausible bug for the negative control: switch's temporal seam without its exchange, so each
+    position attends over the rank's own frames only (the temporal core is the plain one)."""
 
-    def __init__(self, core):
+    def __init__(self, seam):
         super().__init__()
-        self.core = core
+        self.sp_size, self.index = seam.sp_size, seam.index
 
-    def forward(self, q, k, v, grid, kv_mask=None):
+    def send(self, h, rope, grid):
         from vgen.parallel.comm import shard_plan
 
-        plan = shard_plan(tuple(grid), self.core.sp_size, "switch")
-        return self.core.local(q, k, v, (plan.frames_local, *grid[1:]))
+        plan = shard_plan(tuple(grid), self.sp_size, "switch")
+        return h, rope, (plan.frame_count(self.index), *grid[1:])
+
+    def run(self, layer, sent):
+        return layer(*sent)
 
 
-def _break_temporal(model) -> None:
+def break_switch_temporal(model) -> None:
     for block in model.blocks:
-        block.temporal.core = LocalFramesCore(block.temporal.core)
+        block.temporal_seam = LocalFramesSeam(block.temporal_seam)
+        block.temporal.core = block.temporal.core.local
 
 
 def _reduced_grads(model, group, divide: float) -> dict:
@@ -122,37 +135,87 @@ def _reduced_grads(model, group, divide: float) -> dict:
     return grads
 
 
+class OpRecorder(TorchDispatchMode):
+    """Names of the collective and attention ops as they dispatch, with the phase (forward/backward) and
+    the bytes each all-to-all hands to the wire (its input less the chunk this rank keeps)."""
+
+    WATCH = ("all_to_all_single", "wait_tensor", "scaled_dot_product")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.sent = [], {"forward": 0, "backward": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if any(w in name for w in self.WATCH):
+            phase = "forward" if torch._C._current_graph_task_id() == -1 else "backward"
+            self.ops.append((name.split("::")[-1], phase))
+            if "all_to_all_single" in name:
+                inp, in_splits, group = args[0], args[2], _resolve_process_group(args[3])
+                self.sent[phase] += (inp.numel() - in_splits[dist.get_rank(group)]) * inp.element_size()
+        return func(*args, **(kwargs or {}))
+
+
+def _stem_rows(model, log: dict) -> None:
+    """Record the rows of the patch embedding's output, of its gradient, and of the RoPE tables."""
+
+    def on_embed(module, args, out):
+        log["embed"] = out.shape[1]
+        out.register_hook(lambda g: log.__setitem__("embed_grad", g.shape[1]))
+
+    def on_block(module, args):
+        log["rope"] = args[4][0].shape[0]
+
+    model.patch_embed.register_forward_hook(on_embed)
+    model.blocks[0].register_forward_pre_hook(on_block)
+
+
 def run_case(case: dict) -> dict:
-    """One SP forward/backward against the single-process model, on every rank. Returns the errors."""
+    """One SP forward/backward against the single-process model, on every rank. Returns the errors.
+    Optional case keys: shard_loss, checkpointing (a parallel.memory policy applied after SP), trace
+    (record the op schedule)."""
+    from vgen.parallel.checkpointing import apply_memory_policy
     from vgen.parallel.comm import COUNTER
     from vgen.parallel.sequence import apply_sequence_parallel, sp_loss_scale
     from vgen.parallel.topology import build_topology
 
+    shard_loss = bool(case.get("shard_loss"))
     ref = tiny_model()
     inputs = make_inputs(case, ref.cfg.in_channels)
-    ref_out = forward_backward(ref, inputs)
+    ref_out, ref_loss = forward_backward(ref, inputs, shard_loss=shard_loss)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     cfg = sp_config(case)
     topo = build_topology(cfg, heads=ref.cfg.heads)
     model = apply_sequence_parallel(tiny_model(), topo, cfg)
     if case.get("broken"):
-        _break_temporal(model)
+        break_switch_temporal(model)
+    if case.get("checkpointing"):
+        apply_memory_policy(model, SimpleNamespace(checkpointing=case["checkpointing"], ratio=1.0, offload=False, mlp_chunks=1))
+    stem: dict = {}
+    _stem_rows(model, stem)
     scale = sp_loss_scale(topo)
     COUNTER.reset()
-    out = forward_backward(model, inputs, scale)
+    recorder = OpRecorder()
+    with recorder:
+        out, loss = forward_backward(model, inputs, scale, shard_loss=shard_loss)
     sent = COUNTER.snapshot()
     # the test's contract: SP sum of the (unscaled) partial gradients; the trainer's: world mean of scaled
     sp_sum = _reduced_grads(model, topo.sp_group, scale)
     world_mean = _reduced_grads(model, None, topo.world_size)
     return {
         "case": case,
-        "out": rel_err(out, ref_out),
+        "rank": topo.sp_rank,
+        "out": rel_err(out, ref_out) if out is not None else abs(loss - ref_loss) / abs(ref_loss),
+        "sharded_output": out is None,
         "grad_sp_sum": max(rel_err(sp_sum[n], g) for n, g in ref_grads.items()),
         "grad_world_mean": max(rel_err(world_mean[n], g) for n, g in ref_grads.items()),
         "smallest_ref_grad": min(float(g.abs().max()) for g in ref_grads.values()),
         "params": len(ref_grads),
         "bytes": sent,
+        "wire": recorder.sent,
+        "ops": recorder.ops if case.get("trace") else None,
+        "stem": stem,
         "local_elems": _local_elems(case, model),
     }
 

@@ -1,6 +1,7 @@
 """Sequence parallelism: every mode on 2 and 4 CPU gloo ranks against the single-process model (forward
-output and every parameter gradient), even and uneven token/frame counts, the trainer's loss-scale
-contract, the communication byte counts, and the start-up errors of bad settings.
+output and every parameter gradient), even and uneven token/frame counts, the per-shard loss, the
+trainer's loss-scale contract, the communication byte counts, switch's overlap schedule, what selective
+checkpointing re-sends, the per-rank rows of the stem, and the start-up errors of bad settings.
 
 Two spawns in all (one per world size), each running its cases in a loop; the 4-rank spawn includes
 dp = 2 x sp = 2 layouts, so ring peers and group offsets are exercised with global ranks != SP ranks.
@@ -24,15 +25,22 @@ def _case(mode, degree, frames, hw, ulysses_degree=1, batch=2, **extra):
 
 
 # (frames, (h, w) tokens): 64 tokens; 45 (odd, 5 frames); 6 tokens in 2 frames, so on 4 ranks the last
-# shard is pure padding, frames straddle shards, and switch has fewer frames than ranks (Ulysses fallback)
-EVEN, UNEVEN, FEW = (4, (4, 4)), (5, (3, 3)), (2, (1, 3))
+# shard is pure padding, frames straddle shards, and switch has fewer frames than ranks (Ulysses, logged);
+# 12 tokens in 4 frames of 3 positions: on 4 ranks switch leaves one rank without positions
+EVEN, UNEVEN, FEW, THIN = (4, (4, 4)), (5, (3, 3)), (2, (1, 3)), (4, (1, 3))
 CASES = {
     2: [_case(m, 2, *shape, ulysses_degree=u) for m, u in [("ulysses", 1), ("ring", 1), ("switch", 1), ("hybrid", 1)] for shape in (EVEN, UNEVEN)]
-    + [_case("switch", 2, *EVEN, broken=True)],
+    + [_case("switch", 2, *EVEN, broken=True)]
+    + [_case(m, 2, *UNEVEN, shard_loss=True) for m in ("ulysses", "switch")]
+    + [_case("switch", 2, *UNEVEN, checkpointing=c, trace=True) for c in ("none", "selective", "block")]
+    + [_case("ulysses", 2, *EVEN, checkpointing=c) for c in ("selective", "block")],
     4: [_case(m, 4, *shape, ulysses_degree=2) for m in ("ulysses", "ring", "hybrid", "switch") for shape in (EVEN, UNEVEN)]
     + [_case(m, 4, *FEW, ulysses_degree=2) for m in ("ulysses", "ring", "hybrid", "switch")]
+    + [_case("switch", 4, *THIN)]
     + [_case("ring", 2, *UNEVEN), _case("switch", 2, *UNEVEN), _case("hybrid", 2, *EVEN, ulysses_degree=2)]
-    + [_case("switch", 4, *EVEN, broken=True)],
+    + [_case("switch", 4, *EVEN, broken=True)]
+    + [_case(m, 4, *UNEVEN, ulysses_degree=2, shard_loss=True) for m in ("ring", "hybrid", "switch")]
+    + [_case("switch", 4, *UNEVEN, checkpointing="selective", trace=True), _case("ulysses", 4, *EVEN, checkpointing="selective")],
 }
 
 
@@ -45,7 +53,8 @@ def results(request, tmp_path_factory):
 
 
 def _label(case) -> str:
-    return f"{case['mode']}(degree={case['degree']}, u={case['ulysses_degree']}) T={case['frames']} hw={case['hw']}"
+    extra = "".join(f" {k}={case[k]}" for k in ("shard_loss", "checkpointing") if k in case)
+    return f"{case['mode']}(degree={case['degree']}, u={case['ulysses_degree']}) T={case['frames']} hw={case['hw']}{extra}"
 
 
 @pytest.mark.slow
@@ -54,7 +63,9 @@ def test_matches_single_process(results):
     assert checked
     for r in checked:
         label = _label(r["case"])
+        # the output, or with shard_loss (no gathered output) the loss
         assert r["out"] <= TOL, f"{label}: forward rel err {r['out']:.2e}"
+        assert r["sharded_output"] == bool(r["case"].get("shard_loss")), label
         assert r["grad_sp_sum"] <= TOL, f"{label}: SP-summed gradient rel err {r['grad_sp_sum']:.2e}"
         # the trainer's contract: loss * sp_loss_scale, gradients averaged over the whole world
         assert r["grad_world_mean"] <= TOL, f"{label}: world-mean gradient rel err {r['grad_world_mean']:.2e}"
@@ -70,13 +81,26 @@ def test_negative_control_fails(results):
         assert r["out"] > 1e-2 and r["grad_sp_sum"] > 1e-2
 
 
-def _expected(case: dict, elems: int) -> dict[str, int]:
+def _switch_expected(case: dict, rank: int) -> int:
+    """Bytes one switch rank sends per block in one direction: its frames at the others' positions (h),
+    then all frames of its positions to the others (the temporal output). fp32."""
+    from vgen.parallel.comm import even_bounds
+
+    n, T, (h, w) = case["degree"], case["frames"], case["hw"]
+    P, row = h * w, case["batch"] * 64 * FP32  # hidden 64
+    fb, pb = even_bounds(T, n), even_bounds(P, n)
+    frames, positions = fb[rank + 1] - fb[rank], pb[rank + 1] - pb[rank]
+    return row * (frames * (P - positions) + positions * (T - frames))
+
+
+def _expected(case: dict, elems: int, rank: int) -> dict[str, int]:
     """Bytes one rank sends per attention kind over the model (fp32, depth 2). `elems` = B * N_local * D."""
     n, u, act = case["degree"], case["ulysses_degree"], elems * FP32
     mode = case["mode"]
-    if mode == "switch":
-        return {"temporal/fwd": DEPTH * 4 * act * (n - 1) // n, "temporal/bwd": DEPTH * 4 * act * (n - 1) // n}
-    if mode == "ulysses" or (mode == "hybrid" and u == n):
+    if mode == "switch" and case["frames"] >= n:
+        per = DEPTH * _switch_expected(case, rank)
+        return {"temporal/fwd": per, "temporal/bwd": per}
+    if mode in ("ulysses", "switch") or (mode == "hybrid" and u == n):
         per = DEPTH * 4 * act * (n - 1) // n
         return {f"{k}/{d}": per for k in ("spatial", "temporal") for d in ("fwd", "bwd")}
     u = u if mode == "hybrid" else 1
@@ -87,23 +111,97 @@ def _expected(case: dict, elems: int) -> dict[str, int]:
     return {f"{k}/{d}": v for k in ("spatial", "temporal") for d, v in (("fwd", fwd), ("bwd", bwd))}
 
 
+def _plain(r) -> bool:
+    return not (r["case"].get("broken") or r["case"].get("checkpointing") or r["case"].get("shard_loss"))
+
+
 @pytest.mark.slow
 def test_bytes_match_formulas(results):
-    """The counter sees the real collectives: per-rank bytes equal the analytic volume of each mode.
-    Switch with padded positions sends more than its formula, so only its even cases are checked."""
+    """The counter sees the real collectives: per-rank bytes equal the analytic volume of each mode, and
+    the counter agrees with the bytes the all-to-all ops themselves were handed (OpRecorder)."""
     for r in results:
         case = r["case"]
-        if case.get("broken") or (case["mode"] == "switch" and (case["frames"], tuple(case["hw"])) != EVEN):
+        if not _plain(r):
             continue
         sent = {k: v for k, v in r["bytes"].items() if not k.startswith("seq_out")}
-        assert sent == _expected(case, r["local_elems"]), _label(case)
+        assert sent == _expected(case, r["local_elems"], r["rank"]), _label(case)
+        if case["mode"] in ("ulysses", "switch"):  # ring's P2P transfers are not all-to-alls
+            fwd = sum(v for k, v in sent.items() if k.endswith("/fwd"))
+            bwd = sum(v for k, v in sent.items() if k.endswith("/bwd"))
+            assert r["wire"] == {"forward": fwd, "backward": bwd}, _label(case)
 
 
 @pytest.mark.slow
-def test_switch_sends_half_of_ulysses(results):
-    by_mode = {r["case"]["mode"]: r for r in results if (r["case"]["frames"], tuple(r["case"]["hw"])) == EVEN and not r["case"].get("broken")}
-    core = {m: sum(v for k, v in r["bytes"].items() if not k.startswith("seq_out")) for m, r in by_mode.items()}
-    assert core["switch"] * 2 == core["ulysses"]
+def test_switch_moves_two_activations(results):
+    """Switch: forward bytes per block per rank <= 2 activations of the local shard, and a quarter of
+    Ulysses' (q, k, v and output of two attentions = 8 activations against h and the temporal output)."""
+    for r in results:
+        if r["case"]["mode"] == "switch" and _plain(r) and r["case"]["frames"] >= r["case"]["degree"]:
+            assert r["bytes"]["temporal/fwd"] / DEPTH <= 2 * r["local_elems"] * FP32, _label(r["case"])
+    by_mode = {r["case"]["mode"]: r for r in results if (r["case"]["frames"], tuple(r["case"]["hw"])) == EVEN and _plain(r)}
+    core = {m: sum(v for k, v in r["bytes"].items() if k.endswith("/fwd") and not k.startswith("seq_out")) for m, r in by_mode.items()}
+    assert core["switch"] * 4 == core["ulysses"]
+
+
+def _by_checkpointing(results, mode):
+    return {(r["case"]["checkpointing"], r["rank"]): r for r in results if r["case"].get("checkpointing") and r["case"]["mode"] == mode}
+
+
+@pytest.mark.slow
+def test_switch_exchange_overlaps_spatial_and_cross_attention(results):
+    """Schedule of every block's forward: the exchange of h is posted, spatial and cross-attention run,
+    and only then is it waited for (the temporal attention follows); then the output goes back. Under
+    selective checkpointing the same order holds in forward, and backward's recomputation sends nothing."""
+    runs = _by_checkpointing(results, "switch")
+    assert runs
+    block = [("all_to_all_single", "forward"), ("_scaled_dot_product_flash_attention_for_cpu", "forward"),
+             ("_scaled_dot_product_flash_attention_for_cpu", "forward"), ("wait_tensor", "forward"),
+             ("_scaled_dot_product_flash_attention_for_cpu", "forward"), ("all_to_all_single", "forward"),
+             ("wait_tensor", "forward")]
+    for (policy, rank), r in runs.items():
+        fwd = [tuple(op) for op in r["ops"] if op[1] == "forward"]
+        assert fwd == block * DEPTH, (policy, rank, fwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["switch", "ulysses"])
+def test_selective_checkpointing_sends_nothing_twice(results, mode):
+    """Backward bytes handed to all-to-alls: selective == the gradients' own exchanges; block re-sends
+    the forward's (and the counter names them /recompute)."""
+    runs = _by_checkpointing(results, mode)
+    for (policy, rank), r in runs.items():
+        assert r["out"] <= TOL and r["grad_sp_sum"] <= TOL, (mode, policy)
+        bwd = sum(v for k, v in r["bytes"].items() if k.endswith("/bwd"))
+        recompute = sum(v for k, v in r["bytes"].items() if k.endswith("/recompute"))
+        fwd = sum(v for k, v in r["bytes"].items() if k.endswith("/fwd") and not k.startswith("seq_out"))
+        if policy == "block":
+            assert recompute == fwd > 0 and r["wire"]["backward"] == bwd + recompute, (mode, rank)
+        else:
+            assert recompute == 0 and r["wire"]["backward"] == bwd, (mode, policy, rank)
+    assert any(policy == "selective" for policy, _ in runs)
+    if ("none", 0) in runs:
+        assert runs["selective", 0]["wire"] == runs["none", 0]["wire"]
+
+
+@pytest.mark.slow
+def test_stem_is_local(results):
+    """Patch-embedding output, its gradient and the RoPE tables hold this rank's tokens only: N/sp rows
+    (rounded up to a token, or to a frame for switch), never N."""
+    import math
+
+    from vgen.parallel.comm import shard_plan
+
+    for r in results:
+        case = r["case"]
+        if case.get("broken"):
+            continue
+        grid = (case["frames"], *case["hw"])
+        n, N = case["degree"], math.prod(grid)
+        plan = shard_plan(grid, n, case["mode"])
+        rows = plan.size(r["rank"])
+        assert r["stem"] == {"embed": rows, "embed_grad": rows, "rope": rows}, _label(case)
+        bound = -(-grid[0] // n) * grid[1] * grid[2] if plan.by_frames else -(-N // n)
+        assert rows <= bound < N, _label(case)
 
 
 # ---- tier 1: settings and layout arithmetic, no processes ------------------------------------------------
@@ -155,7 +253,7 @@ def test_switch_fallback_needs_heads_to_split():
     from vgen.models.attention import AttentionCore
     from vgen.parallel.switch import SwitchCore
 
-    core = SwitchCore(AttentionCore("temporal"), group=None, sp_size=4)
+    core = SwitchCore(AttentionCore("temporal"), group=None, sp_size=4, index=0)
     q = torch.zeros(1, 4, 2, 8)  # 2 heads, 2 frames < degree 4: Ulysses fallback impossible
     with pytest.raises(ValueError, match="parallel.sp.mode=switch"):
         core(q, q, q, (2, 2, 2))
@@ -176,8 +274,9 @@ def test_shard_plan_pads_tokens_or_frames():
 
     p = shard_plan((5, 3, 3), 4, "ulysses")
     assert (p.tokens, p.local, p.padded, p.by_frames) == (45, 12, 48, False)
-    p = shard_plan((5, 3, 3), 4, "switch")
-    assert (p.local, p.padded, p.frames_local, p.by_frames) == (18, 72, 2, True)
+    p = shard_plan((5, 3, 3), 4, "switch")  # uneven frames, no padding: 2, 1, 1, 1
+    assert (p.frame_bounds, p.by_frames, [p.size(i) for i in range(4)]) == ((0, 2, 3, 4, 5), True, [18, 9, 9, 9])
+    assert [p.start(i) for i in range(4)] == [0, 18, 27, 36] and p.real(3) == 9
     assert not shard_plan((3, 3, 3), 4, "switch").by_frames  # fewer frames than ranks: token shards
 
 
@@ -203,3 +302,19 @@ def test_deepspeed_sp_run_matches_single_process(tmp_path):
     for a, b in zip(rows["sp"], rows["one"]):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) <= TOL * abs(b[key]), f"step {b['step']} {key}: sp {a[key]} vs one rank {b[key]}"
+
+
+def test_rope_rows_are_rows_of_the_full_table():
+    """A rank's RoPE rows (its token range, padding rows as the identity; switch's (frame, position) rows)
+    equal the same rows of the full table, and are cached per grid."""
+    from vgen.models.rope import rope_tables
+
+    grid, d = (5, 3, 3), 16
+    cos, sin = rope_tables(grid, d)
+    c, s = rope_tables(grid, d, rows=("tokens", 36, 48))  # the last of 4 shards of 12: 9 real, 3 padding
+    assert torch.equal(c[:9], cos[36:]) and torch.equal(s[:9], sin[36:])
+    assert torch.equal(c[9:], torch.ones_like(c[9:])) and torch.equal(s[9:], torch.zeros_like(s[9:]))
+    c, s = rope_tables(grid, d, rows=("positions", 3, 6))  # every frame's positions 3..5
+    index = torch.tensor([t * 9 + p for t in range(5) for p in range(3, 6)])
+    assert torch.equal(c, cos[index]) and torch.equal(s, sin[index])
+    assert rope_tables(grid, d, rows=("positions", 3, 6))[0] is c

@@ -10,6 +10,9 @@ Every launch costs tens of seconds on a 2-core machine, so CI runs the subset th
 each ZeRO stage once (CASES); `VGEN_SP_TRAIN_FULL=1` runs every mode under both stages and both layouts.
 Baselines are shared between modes (one per stage and layout, made on first use).
 
+Per-shard loss (`parallel.sp.shard_loss=true`: no gathered output, the loss summed over the SP group) is
+one more case against the same baselines: it must train exactly like the gathered loss.
+
 Why both figures: Adam nearly ignores a constant factor on the gradients, so a wrong SP loss scale would
 barely move the loss; the logged gradient norm (before clipping) would be off by that factor.
 
@@ -34,11 +37,12 @@ pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 STEPS = 5
-# (mode, sp degree, ulysses degree, ZeRO stage); 4 ranks each
-CASES = [("ulysses", 2, 1, 2), ("ring", 2, 1, 2), ("switch", 4, 1, 3), ("hybrid", 4, 2, 3)]
+# (mode, sp degree, ulysses degree, ZeRO stage[, per-shard loss]); 4 ranks each
+CASES = [("ulysses", 2, 1, 2), ("ring", 2, 1, 2), ("switch", 4, 1, 3), ("hybrid", 4, 2, 3), ("switch", 2, 1, 2, True)]
 FULL = [(m, 2, 1, s) for s in (2, 3) for m in ("ulysses", "ring", "switch", "hybrid")] + [
     (m, 4, u, s) for s in (2, 3) for m, u in (("hybrid", 2), ("switch", 1), ("ring", 1))
-]  # no ulysses at sp 4: the tiny model has 2 heads
+] + [(m, 2, 1, 2, True) for m in ("ulysses", "ring", "switch")] + [("hybrid", 4, 2, 3, True)]
+# no ulysses at sp 4: the tiny model has 2 heads
 RANKS = 4
 FULL_RUN = os.environ.get("VGEN_SP_TRAIN_FULL") == "1"
 HOT = ["train.optim.lr=5e-2", "train.optim.warmup_steps=1"]
@@ -78,14 +82,15 @@ def baseline(shards, tmp_path_factory):
 
 
 def _label(case) -> str:
-    mode, sp, u, stage = case
-    return f"{mode}-sp{sp}" + (f"u{u}" if mode == "hybrid" else "") + f"-zero{stage}"
+    mode, sp, u, stage = case[:4]
+    return f"{mode}-sp{sp}" + (f"u{u}" if mode == "hybrid" else "") + f"-zero{stage}" + ("-shardloss" if case[4:] else "")
 
 
 def _sp_run(shards, tmp_path, case, extra_env=None) -> list[dict]:
-    mode, sp, u, stage = case
+    mode, sp, u, stage = case[:4]
     run = tmp_path / "sp"
     sp_args = [f"parallel.sp.degree={sp}", f"parallel.sp.mode={mode}", f"parallel.sp.ulysses_degree={u}"]
+    sp_args += ["parallel.sp.shard_loss=true"] if case[4:] else []
     check(launch("deepspeed", _common(shards, stage) + sp_args + [f"run.dir={run}"], nproc=RANKS, extra_env=extra_env, timeout=600))
     return _rows(run)
 
@@ -97,7 +102,7 @@ def _max_rel_diff(got: list[dict], ref: list[dict]) -> dict[str, float]:
 
 @pytest.mark.parametrize("case", FULL if FULL_RUN else CASES, ids=_label)
 def test_sp_training_matches_data_parallel(case, shards, baseline, tmp_path):
-    mode, sp, u, stage = case
+    mode, sp, u, stage = case[:4]
     got, ref = _sp_run(shards, tmp_path, case), baseline(stage, RANKS // sp)
     errs = _max_rel_diff(got, ref)
     print(f"{_label(case)}: max rel diff loss {errs['loss']:.2e} grad_norm {errs['grad_norm']:.2e}")
@@ -109,21 +114,22 @@ def test_sp_training_matches_data_parallel(case, shards, baseline, tmp_path):
                 f"{_label(case)} step {b['step']} {key}: sp {a[key]!r} vs baseline {b[key]!r}")
 
 
-# imported first by every rank (PYTHONPATH): switch's temporal core without its all-to-all
+# imported first by every rank (PYTHONPATH): switch's temporal seam without its exchange
 _BREAK_SWITCH = """
 import vgen.parallel.sequence as seq
-from sp_utils import LocalFramesCore
-from vgen.parallel.switch import SwitchCore
+from sp_utils import break_switch_temporal
 
-make_core = seq.make_core
-
-
-def broken(local, topology):
-    core = make_core(local, topology)
-    return LocalFramesCore(core) if isinstance(core, SwitchCore) and local.kind == "temporal" else core
+apply = seq.apply_sequence_parallel
 
 
-seq.make_core = broken
+def broken(model, topology, sp_cfg):
+    apply(model, topology, sp_cfg)
+    if topology.sp_mode == "switch" and topology.sp_size > 1:
+        break_switch_temporal(model)
+    return model
+
+
+seq.apply_sequence_parallel = broken
 """
 
 

@@ -153,6 +153,8 @@ class SequenceParallelConfig:
     # "ulysses", "ring", "hybrid" (Ulysses inside groups of ulysses_degree, ring across them), "switch"
     mode: str = "ulysses"
     ulysses_degree: int = 1
+    # loss from each rank's own tokens, summed over the SP group, instead of gathering the output (SP > 1)
+    shard_loss: bool = False
 
 
 @dataclass

@@ -4,7 +4,7 @@ Each block runs, on the adaLN-modulated tokens, in parallel:
   spatial self-attention (tokens of one frame) and cross-attention (tokens -> text), fused by one linear
   layer over their concatenated heads, plus temporal self-attention (one position across frames);
 then an MLP. This file knows nothing of distributed training: sequence parallelism replaces the attention
-cores and the `seq_in` / `seq_out` seams from vgen/parallel.
+cores, the blocks' `temporal_seam` and the `seq_in` / `seq_out` seams from vgen/parallel.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class STBlock(nn.Module):
         self.cross = CrossAttention(D, h, cfg.qk_norm, backend=cfg.attention)
         self.fuse = nn.Linear(2 * D, D)  # the output projection of spatial and cross attention together
         self.temporal = SelfAttention(D, h, "temporal", cfg.qk_norm, project=True, backend=cfg.attention)
+        self.temporal_seam = TemporalSeam()  # switch SP moves h to the temporal layout here
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(D, cfg.mlp_ratio)
         # adaLN-Zero: shift/scale/gate for attention and MLP; zero init makes every block start as identity
@@ -67,22 +68,41 @@ class STBlock(nn.Module):
         # x: (B, N, D); cond: (B, D); ctx: (B, L, D); ctx_mask: (B, L)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(cond).chunk(6, dim=-1)  # each (B, D)
         h = norm_modulate(self.norm1, x, shift_a, scale_a)  # (B, N, D), keeps only x for backward
+        sent = self.temporal_seam.send(h, rope, grid)  # switch SP: the exchange of h starts here...
         spatial = self.spatial(h, rope, grid)  # (B, N, D)
         cross = self.cross(h, ctx, ctx_mask, grid)  # (B, N, D)
-        temporal = self.temporal(h, rope, grid)  # (B, N, D)
+        temporal = self.temporal_seam.run(self.temporal, sent)  # ...and is waited for here; (B, N, D)
         attn = self.fuse(torch.cat([spatial, cross], dim=-1)) + temporal  # (B, N, D)
         x = x + gate_a[:, None] * attn
         x = x + gate_m[:, None] * self.mlp(norm_modulate(self.norm2, x, shift_m, scale_m))
         return x  # (B, N, D)
 
 
-class SequenceSeam(nn.Module):
-    """Identity at the model's entry/exit. Sequence parallelism replaces `seq_in` with a split of the
-    tokens and RoPE tables across the SP group, and `seq_out` with the matching gather (applied to the
-    final layer's output)."""
+class TemporalSeam(nn.Module):
+    """Identity around a block's temporal attention: `run(layer, send(h, rope, grid))` is
+    `layer(h, rope, grid)`. Switch sequence parallelism replaces it with a module that sends h to the
+    "all frames, some positions" layout in `send` and brings the output back in `run`."""
 
-    def forward(self, x, rope=None, grid=None):
-        return x if rope is None else (x, rope)
+    def send(self, h, rope, grid):
+        return h, rope, grid
+
+    def run(self, layer: nn.Module, sent):
+        return layer(*sent)
+
+
+class SequenceSeam(nn.Module):
+    """Identity at the model's entry/exit. Sequence parallelism replaces `seq_in` with the cut of this
+    rank's tokens (and `rows`: its RoPE rows), and `seq_out` with the matching gather of the final layer's
+    output (or none: per-shard loss, `returns_shard`)."""
+
+    def forward(self, x, grid=None):
+        return x
+
+    def rows(self, grid):
+        return None  # every token
+
+    def returns_shard(self) -> bool:
+        return False
 
 
 class FinalLayer(nn.Module):
@@ -133,21 +153,27 @@ class VideoDiT(nn.Module):
         pooled = (ctx * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
         return ctx, self.pooled_proj(pooled)
 
+    def patchify(self, x):
+        """(B, C, T, H, W) latent -> (B, N, patch_dim) tokens in (t, h, w) order."""
+        pt, ph, pw = self.cfg.patch
+        return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
     def forward(self, x, t, text, text_mask):
         B = x.shape[0]
         grid = self.token_grid(x.shape)
         pt, ph, pw = self.cfg.patch
-        patches = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
-        tokens = self.patch_embed(patches)  # (B, N, D)
+        patches = self.seq_in(self.patchify(x), grid=grid)  # (B, N_local, patch_dim): SP embeds only its own
+        tokens = self.patch_embed(patches)  # (B, N_local, D)
         ctx, pooled = self.embed_text(text, text_mask)  # (B, L, D), (B, D)
         cond = self.t_embed(t) + pooled  # (B, D)
-        rope = rope_tables(grid, self.cfg.head_dim, device=x.device)  # 2 x (N, head_dim / 2)
-        tokens, rope = self.seq_in(tokens, rope, grid)  # (B, N_local, D) under SP
+        rope = rope_tables(grid, self.cfg.head_dim, device=x.device, rows=self.seq_in.rows(grid))  # 2 x (N_local, head_dim / 2)
         for block in self.blocks:
             tokens = block(tokens, cond, ctx, text_mask, rope, grid)  # (B, N_local, D)
         out = self.final(tokens, cond)  # (B, N_local, patch_dim)
         # gather after the final layer, so every parameter's gradient is a partial sum over SP ranks
         out = self.seq_out(out, grid=grid)  # (B, N, patch_dim)
+        if self.seq_out.returns_shard():
+            return out  # (B, N_local, patch_dim): per-shard loss (vgen/parallel/sequence.py, shard_mse)
         T, H, W = grid
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", b=B, t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
 

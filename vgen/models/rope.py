@@ -1,8 +1,16 @@
-"""3D rotary position embedding over the (t, h, w) token grid."""
+"""3D rotary position embedding over the (t, h, w) token grid.
+
+Tables are built on the device the model runs on, only for the rows a rank needs (its token shard under
+sequence parallelism), and cached per (grid, rows, device): a training run sees a few bucket grids, so
+after the first step of each the tables cost nothing.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -13,19 +21,50 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def _axis_angles(positions: torch.Tensor, pairs: int, theta: float) -> torch.Tensor:
-    freqs = theta ** (-torch.arange(pairs, dtype=torch.float64) / max(pairs, 1))
+    freqs = theta ** (-torch.arange(pairs, dtype=torch.float64, device=positions.device) / max(pairs, 1))
     return positions.to(torch.float64)[:, None] * freqs[None, :]  # (n, pairs)
 
 
-def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device=None):
-    """cos, sin tables of shape (T*H*W, head_dim // 2) for tokens in (t, h, w) order."""
+def _build(grid, head_dim: int, theta: float, index: torch.Tensor):
+    """cos, sin (len(index), head_dim // 2) for global token indices; indices past the grid (padding)
+    get the identity rotation."""
     T, H, W = grid
     pt, ph, pw = rope_split(head_dim)
-    t = torch.arange(T).repeat_interleave(H * W)
-    h = torch.arange(H).repeat_interleave(W).repeat(T)
-    w = torch.arange(W).repeat(T * H)
+    real = index < T * H * W
+    t, h, w = index // (H * W), index // W % H, index % W
     angles = torch.cat([_axis_angles(t, pt, theta), _axis_angles(h, ph, theta), _axis_angles(w, pw, theta)], dim=1)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    angles = angles * real[:, None]
+    return angles.cos().float(), angles.sin().float()
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(grid, head_dim: int, theta: float, rows: tuple, device: torch.device):
+    return _build(grid, head_dim, theta, _row_index(grid, rows, device))
+
+
+def _row_index(grid, rows: tuple, device) -> torch.Tensor:
+    """rows: ("tokens", start, stop): tokens start..stop-1 in (t, h, w) order; ("positions", p0, p1): every
+    frame's spatial positions p0..p1-1, in (t, position) order (switch's temporal layout)."""
+    kind, a, b = rows
+    if kind == "tokens":
+        return torch.arange(a, b, device=device)
+    T, H, W = grid
+    return (torch.arange(T, device=device)[:, None] * (H * W) + torch.arange(a, b, device=device)[None]).reshape(-1)
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device=None, rows: tuple | None = None):
+    """cos, sin tables of shape (rows, head_dim // 2) on `device`.
+
+    Args:
+        grid: the (T, H, W) token grid.
+        rows: which rows (see _row_index); default all T*H*W tokens in (t, h, w) order.
+    """
+    grid = tuple(int(g) for g in grid)
+    rows = rows or ("tokens", 0, grid[0] * grid[1] * grid[2])
+    device = torch.device(device or "cpu")
+    if _get_current_dispatch_mode_stack() or device.type == "meta":  # fake/tracing modes: never cache their tensors
+        return _build(grid, head_dim, theta, _row_index(grid, rows, device))
+    return _cached(grid, head_dim, float(theta), tuple(rows), device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

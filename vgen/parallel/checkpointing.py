@@ -40,8 +40,9 @@ _WRAPPED = "_vgen_memory_wrapped"
 NESTED_ATTENTION_CHUNKS = 8
 
 # Ops whose outputs selective checkpointing keeps. Attention kernels are the expensive part of a block;
-# collectives must not run twice (the functional ones return fresh tensors, so caching them is safe;
-# in-place c10d collectives are recomputed, which is correct, only slower).
+# collectives must not run twice: sequence parallelism's all-to-alls are functional collectives
+# (vgen/parallel/comm.py), which return fresh tensors, so caching them is safe and recomputation sends
+# nothing (tests/test_sp.py counts it); in-place c10d collectives would be recomputed, correct, only slower.
 _ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -53,6 +54,17 @@ _ATTENTION_OPS = {
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                torch.ops.aten.baddbmm.default}
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_functional_autograd")
+# flash-attn registers its kernels as torch custom ops (flash_attn::_flash_attn_forward, _varlen_forward;
+# FlashAttention-3: flash_attn_3::fwd); recognised by namespace so every version's forward is kept
+_FLASH_NAMESPACES = ("flash_attn", "flash_attn_3")
+
+
+def is_attention_forward(op) -> bool:
+    """A fused attention forward kernel: PyTorch's SDPA backends or flash-attn's custom ops."""
+    if op in _ATTENTION_OPS:
+        return True
+    name = op.name().split("::")[-1]
+    return op.namespace in _FLASH_NAMESPACES and "bwd" not in name and "backward" not in name
 
 _state = threading.local()  # depth of MLP calls on this thread, read by the selective policy
 
@@ -189,7 +201,7 @@ class _SelectivePolicy:
         if in_mlp and self.mlp_chunked:
             # the chunked MLP already holds only its input; caching its per-chunk outputs would undo that
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if op in _ATTENTION_OPS:
+        if is_attention_forward(op):
             return CheckpointPolicy.MUST_SAVE
         if op.namespace in _COLLECTIVE_NAMESPACES and "wait" not in op.name():
             return CheckpointPolicy.MUST_SAVE

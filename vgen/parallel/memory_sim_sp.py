@@ -55,16 +55,22 @@ class _UlyssesShapes(nn.Module):
 
 
 class _SeamShapes(nn.Module):
-    """Stand-in for seq_in (split: keep N/sp tokens and RoPE rows) or seq_out (gather all N)."""
+    """Stand-in for seq_in (split: keep N/sp tokens of the patchified input, and N/sp RoPE rows) or
+    seq_out (gather all N)."""
 
     def __init__(self, sp: int, split: bool):
         super().__init__()
         self.sp, self.split = sp, split
 
-    def forward(self, x, rope=None, grid=None):
+    def forward(self, x, grid=None):
         B, n, C = x.shape
-        x = _ShapeOnly.apply(x, (B, n // self.sp if self.split else n * self.sp, C))
-        return x if rope is None else (x, tuple(r[: n // self.sp] for r in rope))
+        return _ShapeOnly.apply(x, (B, n // self.sp if self.split else n * self.sp, C))
+
+    def rows(self, grid):
+        return ("tokens", 0, grid[0] * grid[1] * grid[2] // self.sp)
+
+    def returns_shard(self) -> bool:
+        return False
 
 
 def install_sp_shapes(model: VideoDiT, sp: int) -> None:

@@ -5,25 +5,35 @@ Modes (`parallel.sp.mode`; details in the module of each):
   ulysses  all-to-all around each self-attention core (vgen/parallel/ulysses.py); heads % degree == 0.
   ring     K/V chunks around a P2P ring, log-sum-exp merge, overlapped (vgen/parallel/ring.py).
   hybrid   Ulysses inside groups of `ulysses_degree` consecutive ranks, ring across them.
-  switch   frame shards; only the temporal core communicates (vgen/parallel/switch.py).
+  switch   frame shards; only the block's temporal seam communicates (vgen/parallel/switch.py).
 Cross-attention never communicates: each token's text attention needs only its own query.
+
+Local from the start: `seq_in` cuts this rank's tokens out of the patchified input *before* the patch
+embedding, and the model builds only this rank's RoPE rows (`seq_in.rows`), so neither the embedded
+sequence, its gradient, a padding copy nor the RoPE tables exist at full length on any rank.
 
 The gradient contract (what the trainer must do):
   * Data: every rank of an SP group gets the same sample, timestep, noise and caption dropout. Build the
     loader from (topology.dp_rank, topology.dp_size) and seed per-step randomness from dp_rank, not rank
     (or broadcast it with `sp_broadcast_`).
-  * `seq_in` keeps this rank's shard; its backward pads the shard's gradient with zeros, so parameters
-    used before the split (patch embedding, timestep and text embedders) get partial sums. `seq_out`
-    all-gathers after the final layer; its backward returns this rank's slice of the gradient, not a sum.
-    Hence every SP rank computes the same full output and loss, every parameter gradient on an SP rank is
-    a partial sum, and their sum over the SP group is the single-process gradient.
+  * Parameters used before the split (timestep and text embedders) and after it (patch embedding, blocks,
+    final layer) get partial sums on each rank. `seq_out` all-gathers after the final layer; its backward
+    returns this rank's slice of the gradient, not a sum. Hence every SP rank computes the same full
+    output and loss, every parameter gradient on an SP rank is a partial sum, and their sum over the SP
+    group is the single-process gradient.
+  * Per-shard loss (`parallel.sp.shard_loss=true`): `seq_out` does not gather while training; the model
+    returns this rank's (B, N_local, patch_dim) tokens and `shard_mse` takes the loss of those tokens
+    against the same tokens of the target, summed over the SP group (`comm.sum_over_group`: all-reduce in
+    forward, identity in backward since each rank backpropagates its own term). The loss value is the
+    full loss on every rank and the gradients are the same partial sums, so the rest holds unchanged.
   * DeepSpeed / ZeRO treats all world ranks as data parallel (no mpu) and averages gradients over the
     world. Multiply the backward loss by `sp_loss_scale(topology)` (= sp_size): the world mean of
     sp_size * partial sums is then the mean over data-parallel ranks of full gradients. Log the unscaled loss.
   * Without DeepSpeed: call `reduce_sp_gradients(model, topology)` after backward (sums over the SP group),
     then average over `topology.dp_group` as usual.
-Activation checkpointing may wrap blocks after this: the recomputation repeats the same collectives on
-every rank in the same order.
+Activation checkpointing may wrap blocks after this. `selective` keeps the all-to-alls' outputs (they are
+functional collectives), so backward sends nothing twice; `block`/`nested` recompute them, the same
+collectives in the same order on every rank (counted as "<label>/recompute", benchmarks/sp_comm.py).
 """
 
 from __future__ import annotations
@@ -33,55 +43,80 @@ import torch.distributed as dist
 from torch import nn
 
 from vgen.models.attention import AttentionCore
-from vgen.parallel.comm import gather_sequence, pad_dim, shard_plan, split_sequence
+from vgen.parallel.comm import gather_sequence, local_tokens, shard_plan, sum_over_group
 from vgen.parallel.ring import RingCore, RingSpec
-from vgen.parallel.switch import SwitchCore
+from vgen.parallel.switch import SwitchCore, TemporalSwitch
 from vgen.parallel.topology import Topology, check_heads
 from vgen.parallel.ulysses import UlyssesCore
 
 
 class SequenceSplit(nn.Module):
-    """`seq_in`: (B, N, D) tokens and (N, d/2) RoPE tables -> this rank's (B, N_local, D) shard and tables."""
+    """`seq_in`: (B, N, C) patchified input -> this rank's (B, N_local, C) tokens (padding made locally);
+    `rows(grid)`: which RoPE rows this rank needs."""
 
     def __init__(self, topology: Topology):
         super().__init__()
         self.sp_size, self.index, self.mode = topology.sp_size, topology.sp_rank, topology.sp_mode
 
-    def forward(self, x, rope=None, grid=None):
+    def forward(self, x, grid=None):
+        return local_tokens(x, shard_plan(tuple(grid), self.sp_size, self.mode), self.index)
+
+    def rows(self, grid) -> tuple:
         plan = shard_plan(tuple(grid), self.sp_size, self.mode)
-        x = split_sequence(x, plan, self.index)  # (B, N_local, D)
-        if rope is None:
-            return x
-        start = self.index * plan.local
-        # padding tokens get the identity rotation; their values never reach a real token
-        cos, sin = (pad_dim(t, plan.padded, 0, fill)[start : start + plan.local] for t, fill in zip(rope, (1.0, 0.0)))
-        return x, (cos, sin)
+        start = plan.start(self.index)
+        return ("tokens", start, start + plan.size(self.index))  # rows past the grid: identity rotation
 
     def extra_repr(self) -> str:
         return f"sp={self.sp_size}, index={self.index}, mode={self.mode}"
 
 
 class SequenceGather(nn.Module):
-    """`seq_out`: (B, N_local, C) shards -> (B, N, C) on every rank of the SP group, padding removed."""
+    """`seq_out`: (B, N_local, C) shards -> (B, N, C) on every rank of the SP group, padding removed.
+    With `shard_loss`, while gradients are recorded (training), it returns the shard itself; sampling and
+    evaluation (no_grad) still gather."""
 
-    def __init__(self, topology: Topology):
+    def __init__(self, topology: Topology, shard_loss: bool = False):
         super().__init__()
         self.sp_size, self.index, self.mode = topology.sp_size, topology.sp_rank, topology.sp_mode
-        self.group = topology.sp_group
+        self.group, self.shard_loss = topology.sp_group, shard_loss
 
-    def forward(self, x, rope=None, grid=None):
+    def returns_shard(self) -> bool:
+        return self.shard_loss and torch.is_grad_enabled()
+
+    def forward(self, x, grid=None):
+        if self.returns_shard():
+            return x
         plan = shard_plan(tuple(grid), self.sp_size, self.mode)
         return gather_sequence(x, plan, self.index, self.group)
 
     def extra_repr(self) -> str:
-        return f"sp={self.sp_size}, mode={self.mode}"
+        return f"sp={self.sp_size}, mode={self.mode}, shard_loss={self.shard_loss}"
+
+
+def shard_mse(model: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the whole sequence from this rank's shard (`parallel.sp.shard_loss`).
+
+    Args:
+        model: the SP-applied VideoDiT (its seams know the layout).
+        pred: (B, N_local, patch_dim) from the model, or the full (B, C, T, H, W) when it gathered.
+        target: (B, C, T, H, W) velocity target.
+    """
+    if pred.shape == target.shape:
+        return (pred.float() - target.float()).pow(2).mean()
+    seam = model.seq_out
+    grid = model.token_grid(target.shape)
+    plan = shard_plan(grid, seam.sp_size, seam.mode)
+    real = plan.real(seam.index)
+    mine = local_tokens(model.patchify(target), plan, seam.index)[:, :real]  # (B, real, patch_dim)
+    local = (pred[:, :real].float() - mine.float()).pow(2).sum() / target.numel()
+    return sum_over_group(local, seam.group)
 
 
 def make_core(local: AttentionCore, topology: Topology) -> nn.Module:
     """The distributed replacement of one attention core for the topology's mode."""
     mode, sp = topology.sp_mode, topology.sp_size
     if mode == "switch":
-        return SwitchCore(local, topology.sp_group, sp)
+        return SwitchCore(local, topology.sp_group, sp, topology.sp_rank)
     if topology.ring_size == 1:  # ulysses, or hybrid with ulysses_degree == degree
         return UlyssesCore(local, topology.sp_group, sp, mode)
     spec = RingSpec(tuple(topology.ring_ranks), topology.ring_rank, topology.ring_group)
@@ -107,11 +142,18 @@ def apply_sequence_parallel(model: nn.Module, topology: Topology, sp_cfg) -> nn.
     check_heads(model.cfg.heads, topology.sp_mode, topology.ulysses_size)
     if topology.sp_size == 1:
         return model
+    if topology.sp_mode == "switch":
+        seams = [b for b in model.modules() if hasattr(b, "temporal_seam")]
+        if not seams:
+            raise ValueError("parallel.sp.mode=switch needs blocks with a `temporal_seam` (vgen/models/dit.py STBlock)")
+        for block in seams:  # no parameters: checkpoint keys do not change
+            block.temporal_seam = TemporalSwitch(topology.sp_group, topology.sp_size, topology.sp_rank)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, AttentionCore):  # same attribute name: checkpoint keys do not change
                 setattr(parent, name, make_core(child, topology))
-    model.seq_in, model.seq_out = SequenceSplit(topology), SequenceGather(topology)
+    shard_loss = bool(getattr(sp_cfg, "shard_loss", False))
+    model.seq_in, model.seq_out = SequenceSplit(topology), SequenceGather(topology, shard_loss)
     return model
 
 

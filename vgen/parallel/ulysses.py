@@ -7,6 +7,11 @@ each times (n-1)/n: the chunk a rank keeps stays put. Cross-attention sends noth
 only on its own query and the full text K/V, which every rank already holds, so the local shard with all
 heads gives exactly the single-process rows. (DeepSpeed-style wrappers all-to-all q there too; that moves
 bytes without changing a number.)
+
+The all-to-alls are functional collectives (vgen/parallel/comm.py), posted the moment the core has q, k
+and v and waited for by the attention, which needs them at once: within one core nothing can overlap them.
+(Hiding them would need the block to project the temporal q, k, v before spatial attention runs; switch
+does the equivalent with `h`, vgen/parallel/switch.py.) Selective checkpointing keeps their outputs.
 """
 
 from __future__ import annotations

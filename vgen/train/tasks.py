@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift
+from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift, velocity_target
 from vgen.models import build_dit, build_frozen_encoders
 
 
@@ -77,6 +77,10 @@ class DiffusionTask:
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         xt = add_noise(x0, noise, t)
         pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device))
+        if pred.dim() == 3:  # this rank's tokens only (parallel.sp.shard_loss): loss summed over the SP group
+            from vgen.parallel.sequence import shard_mse
+
+            return shard_mse(model, pred, velocity_target(x0, noise)), T * H * W
         return flow_matching_loss(pred, x0, noise), T * H * W
 
     def flops_per_sample(self, model) -> float:
