@@ -57,10 +57,13 @@ class MLPForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         state.mlp_depth = getattr(state, "mlp_depth", 0) + 1
         try:
-            if self.chunks <= 1 or x.dim() < 3 or getattr(state, "recomputing", False):
+            # the weights are no inputs of the chunked function (below), so it is differentiable only
+            # through x: without a gradient for x (never in the DiT, whose MLP input comes from the
+            # residual stream) the plain call keeps the weights' gradients right
+            plain = torch.is_grad_enabled() and not x.requires_grad
+            if self.chunks <= 1 or x.dim() < 3 or getattr(state, "recomputing", False) or plain:
                 return self.inner(x)
-            params = tuple(p for p in self.module.parameters() if p.requires_grad)
-            return ChunkedMLP.apply(x, self.module, self.inner, self.chunks, *params)
+            return ChunkedMLP.apply(x, self.module, self.inner, self.chunks)
         finally:
             state.mlp_depth -= 1
 
@@ -68,14 +71,14 @@ class MLPForward:
 class ChunkedMLP(torch.autograd.Function):
     """y = module(x) computed `chunks` slices of the sequence at a time; saves only x.
 
-    The parameters are inputs only so that the output requires grad whenever they do; their gradients
-    reach them through autograd inside backward (returned here as None), never through values captured
-    at forward.
+    The weights are not inputs: passed in at forward, where ZeRO-3 holds them as empty partitions, they
+    would get autograd gradient accumulators of that empty shape, which the full gradients of the
+    recomputation could not enter. Their gradients reach them through autograd inside backward.
     """
 
     @staticmethod
-    def forward(ctx, x, module, inner, chunks, *params):
-        ctx.module, ctx.chunks, ctx.n_params = module, chunks, len(params)
+    def forward(ctx, x, module, inner, chunks):
+        ctx.module, ctx.chunks = module, chunks
         ctx.save_for_backward(x)
         out = None
         with torch.no_grad():
@@ -99,14 +102,13 @@ class ChunkedMLP(torch.autograd.Function):
                 xc = x[:, sl].detach().requires_grad_(want_x)
                 with torch.enable_grad(), _recomputing():
                     y = ctx.module(xc)  # through __call__: ZeRO-3 gathers this slice's weights again
-                inputs = ([xc] if want_x else []) + params
-                if inputs:
-                    torch.autograd.backward(y, grad_out[:, sl], inputs=inputs)
+                if y.requires_grad:  # no `inputs=`: it would rebuild ZeRO-3 weights' accumulators at their empty shape
+                    torch.autograd.backward(y, grad_out[:, sl])
                 if want_x:
                     grad_x[:, sl] = xc.grad
         finally:
             _mark_ready(params, True)
-        return (grad_x, None, None, None) + (None,) * ctx.n_params
+        return grad_x, None, None, None
 
 
 def _mark_ready(params, ready: bool) -> None:
