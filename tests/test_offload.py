@@ -110,3 +110,27 @@ def test_deepcopy_gets_its_own_offloader():
     clone = copy.deepcopy(model)
     assert clone.memory_offloader is not off
     assert clone.blocks[0].forward.offloader is clone.memory_offloader
+
+
+@pytest.mark.slow
+def test_training_logs_offload_and_refuses_an_over_budget_plan(tmp_path):
+    """launch/train.py: offload figures per step in metrics.jsonl; a plan needing more pinned memory than
+    parallel.memory.offload_host_fraction allows exits with status 2 and names the setting, before step 1."""
+    import json
+
+    from e2e_utils import check, launch
+    from vgen.data.demo import write_demo_shards
+
+    shards = tmp_path / "shards"
+    write_demo_shards(shards, num_clips=8, clips_per_shard=8, num_frames=4, height=16, width=16)
+    common = [f"data.path={shards}", "train.max_steps=2", "checkpoint.every_steps=0", "parallel.memory.checkpointing=block",
+              "parallel.memory.offload=true", "parallel.memory.offload_min_bytes=0", "model.depth=3"]
+    check(launch("python", common + [f"run.dir={tmp_path / 'ok'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # two of the three blocks go to the host and come back, every step
+        assert r["offload_d2h_bytes"] == r["offload_h2d_bytes"] > 0
+    bad = launch("python", common + [f"run.dir={tmp_path / 'bad'}", "parallel.memory.offload_host_fraction=1e-12"])
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "parallel.memory.offload" in bad.stderr and "offload_host_fraction" in bad.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
