@@ -1,4 +1,4 @@
-"""Activation checkpointing and MLP chunking, applied per block in place.
+"""Activation checkpointing and MLP chunking (vgen/parallel/mlp_chunks.py), applied per block in place.
 
 Policies (`parallel.memory.checkpointing`):
   none       keep every activation;

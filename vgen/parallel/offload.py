@@ -199,6 +199,7 @@ class ActivationOffloader:
         self._last = lambda: None
         self._streams: dict = {}
         self._stalls: list = []  # (start, end) CUDA event pairs around each wait of the compute stream
+        self._stall_ms, self._waits = 0.0, 0  # folded stalls not yet reported
         self._step = {"offload_d2h_bytes": 0, "offload_h2d_bytes": 0}
 
     def __deepcopy__(self, memo):
@@ -336,16 +337,24 @@ class ActivationOffloader:
         current.wait_event(event)
         end.record(current)
         self._stalls.append((start, end))
+        if len(self._stalls) >= 4096:  # nobody reads step_metrics (a benchmark loop): fold, stay bounded
+            self._fold_stalls()
+
+    def _fold_stalls(self) -> None:
+        if self._stalls:
+            self._stalls[-1][1].synchronize()
+            self._stall_ms += sum(a.elapsed_time(b) for a, b in self._stalls)
+            self._waits += len(self._stalls)
+            self._stalls = []
 
     def step_metrics(self) -> dict:
         """Figures since the last call (call once per step, after it): bytes each way, and on CUDA the
         time the compute stream waited for copies (`offload_stall_ms`, summed) and how many waits."""
         out = dict(self._step)
-        if self._stalls:
-            self._stalls[-1][1].synchronize()
-            out["offload_stall_ms"] = sum(a.elapsed_time(b) for a, b in self._stalls)
-            out["offload_waits"] = len(self._stalls)
-        self._stalls = []
+        self._fold_stalls()
+        if self._waits:
+            out["offload_stall_ms"], out["offload_waits"] = self._stall_ms, self._waits
+        self._stall_ms, self._waits = 0.0, 0
         self._step = {k: 0 for k in self._step}
         return out
 
