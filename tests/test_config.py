@@ -22,7 +22,7 @@ def test_fixed_user_facing_overrides_exist():
     "override, named",
     [("model.preset=nope", "model.preset"), ("train.max_stepz=3", "max_stepz"), ("parallel.zero_stage=4", "parallel.zero_stage"),
      ("train.max_steps=abc", "max_steps"), ("experiment=nope", "experiment"), ("log.wandb=cloud", "log.wandb"),
-     ("parallel.memory.mlp_chunks=4 parallel.zero_stage=3", "parallel.memory.mlp_chunks")],
+     ("parallel.memory.offload_host_fraction=0", "parallel.memory.offload_host_fraction")],
 )
 def test_bad_settings_are_named(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -116,7 +116,7 @@ def test_offload_moves_block_inputs_off_the_device():
     kept = trace_step(dit, mem_cfg(checkpointing="block"), shape, TEXT, micro_batch=BATCH)
     moved = trace_step(dit, mem_cfg(checkpointing="block", offload=True), shape, TEXT, micro_batch=BATCH)
     block_input = BATCH * 4096 * 128 * 2  # (B, N, D) bf16, above the 1 MiB threshold
-    assert kept.live_at_backward_start() - moved.live_at_backward_start() == 6 * block_input
+    assert kept.live_at_backward_start() - moved.live_at_backward_start() == 5 * block_input  # the last stays
     # the smallest threshold also moves nothing else: checkpointed blocks save only their inputs
     tiny = trace_step(dit, mem_cfg(checkpointing="block", offload=True, offload_min_bytes=0), shape, TEXT, micro_batch=BATCH)
     assert tiny.live_at_backward_start() == moved.live_at_backward_start()

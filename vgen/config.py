@@ -170,6 +170,10 @@ class MemoryConfig:
     recompute_mlp: bool = False
     # offload moves only saved tensors at least this large (smaller ones free too little to pay the copy)
     offload_min_bytes: int = 1048576
+    # offload keeps the last blocks on the device: backward needs them first (vgen/parallel/offload.py)
+    offload_keep_last: int = 1
+    # share of host RAM the pinned offload arenas of all ranks on a host may take
+    offload_host_fraction: float = 0.5
 
 
 @dataclass
@@ -246,11 +250,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps must be >= 1")
     _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0, 1, 2 or 3")
-    # the chunked MLP hands its weights' gradients to autograd itself, once per step, from the weights it
-    # was given at forward; ZeRO-3 gives it empty partitions there (gathered only inside each Linear)
-    _check(cfg.parallel.memory.mlp_chunks <= 1 or cfg.parallel.zero_stage < 3,
-           f"parallel.memory.mlp_chunks={cfg.parallel.memory.mlp_chunks} does not work with parallel.zero_stage=3; "
-           "use ZeRO 0-2 for MLP chunking, or nested checkpointing, which recomputes the MLP alone")
+    _check(0.0 < cfg.parallel.memory.offload_host_fraction <= 0.9,
+           f"parallel.memory.offload_host_fraction={cfg.parallel.memory.offload_host_fraction} must be in (0, 0.9]")
+    _check(cfg.parallel.memory.offload_keep_last >= 0,
+           f"parallel.memory.offload_keep_last={cfg.parallel.memory.offload_keep_last} must be >= 0")
     _check(cfg.log.wandb in ("offline", "online", "disabled"), f"log.wandb={cfg.log.wandb!r} must be offline, online or disabled")
     _check(cfg.data.kind in ("videos", "latents"), f"data.kind={cfg.data.kind!r} must be 'videos' or 'latents'")
     _check(cfg.data.micro_batch >= 1, "data.micro_batch must be >= 1")

@@ -7,12 +7,16 @@ adaLN modulation keeps the normalised tokens beside the input. In the simulated 
 attention and MLP tensors themselves. The lean versions keep only what the caller keeps anyway (q and k
 are views of the qkv projection output, which attention keeps alive through v; the block input is the
 residual) and rerun the reference ops in backward (`_Recompute`), so values and gradients are bitwise
-those of the unfused ops. The recomputation is pointwise work, a few percent of a block's time. A fused
-GPU kernel would also drop the transient fp32 copies that the recomputation still makes, one slice at a
-time.
+those of the unfused ops. The recomputation is pointwise work, a few percent of a block's time.
+
+On CUDA, when Triton imports, both ops run as fused Triton kernels instead (kernels/qk_norm_rope.py,
+kernels/norm_modulate.py): the same saved inputs, and no transient fp32 copies at all (values within bf16
+rounding of the unfused ops rather than bitwise). VGEN_KERNELS=0 keeps the PyTorch path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -128,12 +132,28 @@ def _accumulate(acc, grad, arg, dim, sl):
     return acc
 
 
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels serve x: real CUDA tensors (not the memory simulator's fake ones),
+    Triton importable, VGEN_KERNELS not 0."""
+    if not x.is_cuda or os.environ.get("VGEN_KERNELS", "1") == "0":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    from kernels import triton_available
+
+    return not is_fake(x) and triton_available()
+
+
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None = None,
               sin: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm of x (B, N, heads, head_dim) over head_dim scaled by `weight`, then rotated by RoPE tables
     cos, sin (N, head_dim // 2). Either part may be absent (weight None: no norm; cos None: no RoPE)."""
     if weight is None and cos is None:
         return x
+    if use_kernels(x) and x.dim() == 4 and x.shape[-1] % 2 == 0 and x.stride(-1) == 1 and (cos is None or not cos.requires_grad):
+        from kernels import qk_norm_rope
+
+        return qk_norm_rope.fused(x, weight, cos, sin, eps)
     # tokens are dim 1 of x and dim 0 of the RoPE tables; the weight is shared
     return _Recompute.apply(norm_rope_reference, (1, None, 0, 0, None), x, weight, cos, sin, eps)
 
@@ -151,6 +171,11 @@ def norm_modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, s
     """
     if any(True for _ in norm.parameters()):
         raise ValueError(f"norm_modulate needs a norm without parameters, got {norm}")
+    if (use_kernels(x) and isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == x.shape[-1:]
+            and x.dim() == 3 and x.stride(-1) == 1):
+        from kernels import norm_modulate as fused_norm_modulate
+
+        return fused_norm_modulate.fused(x, shift, scale, norm.eps)
     return _Recompute.apply(_norm_then_modulate, (1, None, None, None), x, shift, scale, norm)
 
 

@@ -1,4 +1,4 @@
-"""Activation checkpointing and MLP chunking, applied per block in place.
+"""Activation checkpointing and MLP chunking (vgen/parallel/mlp_chunks.py), applied per block in place.
 
 Policies (`parallel.memory.checkpointing`):
   none       keep every activation;
@@ -24,14 +24,14 @@ objects deep-copy with their block (copy.deepcopy re-binds the method to the cop
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from vgen.models.lean_ops import even_slices
+from vgen.parallel.mlp_chunks import chunk_mlp
+from vgen.parallel.mlp_chunks import state as _state  # MLP depth on this thread, read by the selective policy
 
 POLICIES = ("none", "block", "ratio", "selective", "nested")
 _WRAPPED = "_vgen_memory_wrapped"
@@ -65,8 +65,6 @@ def is_attention_forward(op) -> bool:
         return True
     name = op.name().split("::")[-1]
     return op.namespace in _FLASH_NAMESPACES and "bwd" not in name and "backward" not in name
-
-_state = threading.local()  # depth of MLP calls on this thread, read by the selective policy
 
 
 @dataclass(frozen=True)
@@ -102,8 +100,13 @@ def block_plans(mem, depth: int) -> list[BlockPlan]:
     kind = mem.checkpointing if mem.checkpointing in ("selective", "nested") else "full"
     marks = checkpointed_blocks(depth, mem.checkpointing, float(mem.ratio))
     recompute_mlp = bool(getattr(mem, "recompute_mlp", False))
+    # backward needs the last blocks' activations first: sending them to the host would only stall
+    keep_last = int(getattr(mem, "offload_keep_last", 1))
+    if keep_last < 0:
+        raise ValueError(f"parallel.memory.offload_keep_last={keep_last} must be >= 0")
     return [
-        BlockPlan(kind if m else "none", recompute_mlp, int(mem.mlp_chunks), bool(mem.offload)) for m in marks
+        BlockPlan(kind if m else "none", recompute_mlp, int(mem.mlp_chunks), bool(mem.offload) and i < depth - keep_last)
+        for i, m in enumerate(marks)
     ]
 
 
@@ -117,9 +120,14 @@ def apply_memory_policy(model: nn.Module, mem) -> nn.Module:
     plans = block_plans(mem, len(model.blocks))
     offloader = None
     if any(p.offload for p in plans):
-        offloader = ActivationOffloader(min_bytes=int(getattr(mem, "offload_min_bytes", 1 << 20)))
+        offloader = ActivationOffloader(min_bytes=int(getattr(mem, "offload_min_bytes", 1 << 20)),
+                                        host_fraction=float(getattr(mem, "offload_host_fraction", 0.5)))
+        offloader.plans = [p.checkpoint != "none" for p in plans if p.offload]
     for block, plan in zip(model.blocks, plans):
         wrap_block(block, plan, offloader)
+    if offloader is not None:  # the final block's output gradient starts the first copy back
+        last = model.blocks[len(model.blocks) - 1]
+        last.forward = _WatchOutput(last.forward, offloader)
     model.memory_offloader = offloader  # plain attribute (not a module): state_dict is unchanged
     return model
 
@@ -131,7 +139,7 @@ def wrap_block(block: nn.Module, plan: BlockPlan, offloader=None) -> None:
     setattr(block, _WRAPPED, True)
     mlp = getattr(block, "mlp", None)
     if mlp is not None and (plan.mlp_chunks > 1 or plan.checkpoint == "selective"):
-        mlp.forward = _MLPForward(mlp.forward, plan.mlp_chunks)
+        chunk_mlp(mlp, plan.mlp_chunks)  # vgen/parallel/mlp_chunks.py
     if plan.checkpoint == "nested":
         for sublayer in nested_sublayers(block, skip_mlp=plan.mlp_chunks > 1):
             sublayer.forward = _SublayerForward(sublayer.forward)
@@ -164,6 +172,17 @@ class _BlockForward:
             policy = _SelectivePolicy(self.plan.recompute_mlp, self.plan.mlp_chunks > 1)
             kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+class _WatchOutput:
+    """The final block's forward, its output handed to the offloader (vgen/parallel/offload.py)."""
+
+    def __init__(self, inner, offloader):
+        self.inner, self.offloader = inner, offloader
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return self.offloader.watch_output(out) if torch.is_grad_enabled() else out
 
 
 def nested_sublayers(block: nn.Module, skip_mlp: bool = False) -> list[nn.Module]:
@@ -208,59 +227,3 @@ class _SelectivePolicy:
         if op in _MATMUL_OPS and not (in_mlp and self.recompute_mlp):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-class _MLPForward:
-    """The MLP's forward, tagged for the selective policy and optionally chunked over the sequence."""
-
-    def __init__(self, inner, chunks: int):
-        self.inner, self.chunks = inner, chunks
-
-    def __call__(self, x):
-        _state.mlp_depth = getattr(_state, "mlp_depth", 0) + 1
-        try:
-            if self.chunks <= 1 or x.dim() < 3:
-                return self.inner(x)
-            params = tuple(p for p in self.inner.__self__.parameters() if p.requires_grad)
-            return _ChunkedMLP.apply(x, self.inner, self.chunks, *params)
-        finally:
-            _state.mlp_depth -= 1
-
-
-class _ChunkedMLP(torch.autograd.Function):
-    """y = mlp(x) computed `chunks` slices of the sequence (dim 1) at a time, in forward and backward.
-
-    Saves only x; backward recomputes each slice and differentiates it alone, so the MLP's hidden
-    activations (4x the width) never exist for more than one slice. Parameter gradients are summed here
-    and returned once, so autograd accumulates (and ZeRO's hooks fire) once per step, not per chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, x, fn, chunks, *params):
-        ctx.fn, ctx.chunks, ctx.params = fn, chunks, params
-        ctx.save_for_backward(x)
-        out = None
-        with torch.no_grad():
-            for sl in even_slices(x.shape[1], chunks):
-                y = fn(x[:, sl])  # (B, n_chunk, D_out)
-                if out is None:
-                    out = y.new_empty(x.shape[:-1] + y.shape[-1:])
-                out[:, sl] = y
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        params = list(ctx.params)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_params = [None] * len(params)
-        for sl in even_slices(x.shape[1], ctx.chunks):
-            xc = x[:, sl].detach().requires_grad_(grad_x is not None)
-            with torch.enable_grad():
-                y = ctx.fn(xc)
-            inputs = ([xc] if grad_x is not None else []) + params
-            grads = list(torch.autograd.grad(y, inputs, grad_out[:, sl], allow_unused=True))
-            if grad_x is not None:
-                grad_x[:, sl] = grads.pop(0)
-            grad_params = [g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grad_params, grads)]
-        return (grad_x, None, None, *grad_params)

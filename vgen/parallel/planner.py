@@ -82,8 +82,6 @@ def plan_memory(cfg, latent_shape, text_len: int, world_size: int, text_dim: Opt
                zero_stage=int(cfg.parallel.zero_stage), sp_mode=str(cfg.parallel.sp.mode), attention_kernel="flash")
     why, smallest = [], None
     for name, settings, cost in CANDIDATES:
-        if settings.get("mlp_chunks", 1) > 1 and sim["zero_stage"] >= 3:
-            continue  # MLP chunking does not work with ZeRO-3 (see vgen/config.py)
         min_bytes = int(getattr(mem, "offload_min_bytes", 1 << 20))
         plan = MemoryPlan(budget_gb=budget, name=name, offload_min_bytes=min_bytes, **settings)
         report = trace_step(dit, plan, latent_shape, text_len, **sim).report()

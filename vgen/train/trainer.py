@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from vgen.config import to_yaml
 from vgen.data.loader import build_loader
+from vgen.parallel.offload import reserve_offload_arena
 from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
 from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
@@ -45,6 +46,8 @@ class Trainer:
             self.ckpt.check_compatible(self.resume_tag)
         self._plan_memory(model)
         parallelize(model, cfg, self.topo)
+        # pinned offload memory for the longest latent, before step 1 (a clear error if the host lacks it)
+        reserve_offload_arena(model, self.task.config_latent_shape(), cfg.data.micro_batch, self.topo.sp_size, self.device)
         if self.device.type == "cpu":
             setup.disable_deepspeed_shm_allreduce()
         num_params = sum(p.numel() for p in model.parameters())
@@ -130,6 +133,9 @@ class Trainer:
             "tokens_per_s": samples * tokens / seconds,
             "skipped_samples": self.loader.stats()["skipped"],
         }
+        offloader = getattr(self.engine.module, "memory_offloader", None)
+        if offloader is not None:  # bytes each way; on GPU also how long compute waited for copies
+            rec.update(offloader.step_metrics())
         if self.device.type == "cuda":
             rec["mem_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             peak = gpu_peak_flops()
