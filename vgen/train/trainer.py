@@ -32,7 +32,8 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.run_dir = Path(cfg.run.dir)
         setup.set_determinism(cfg)
-        self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
+        self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed,
+                                   grad_accum=cfg.train.grad_accum, log=self._log)
         if cfg.data.kind == "latents":
             from vgen.data.latents import check_compatible
 
@@ -207,5 +208,5 @@ def run_training(cfg) -> None:
     # leave together and tear the process group down explicitly: a rank still holding gloo threads at
     # interpreter exit can abort ("terminate called without an active exception") after a good run
     dist.barrier()
-    trainer.loader.close()
+    trainer.loader.close(workers=True)
     dist.destroy_process_group()
