@@ -20,10 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from vgen.config import ConfigError
 from vgen.data.sample_index import SampleMeta
 
 
-class BucketError(ValueError):
+class BucketError(ConfigError):
     """A bad data.buckets setting; the message names it."""
 
 
@@ -135,6 +136,10 @@ def auto_micro_batch(cfg, bucket: Bucket, latent_shape, world_size: int, text_di
     mem, budget = cfg.parallel.memory, cfg.parallel.memory.budget_gb
     if budget is None:
         raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto needs parallel.memory.budget_gb (GB per GPU)")
+    if mem.policy == "auto" or mem.checkpointing == "auto":
+        # the policy planner picks a policy for a given micro-batch; choosing both at once is not supported
+        raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto needs a manual parallel.memory policy "
+                          "(parallel.memory.policy=manual with checkpointing/offload set), not policy=auto")
     m = cfg.model
     dit = resolve_preset(m.preset, hidden=m.hidden, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio,
                          patch=m.patch, in_channels=int(latent_shape[0]),
@@ -142,8 +147,12 @@ def auto_micro_batch(cfg, bucket: Bucket, latent_shape, world_size: int, text_di
     sim = dict(world_size=world_size, sp=int(cfg.parallel.sp.degree), zero_stage=int(cfg.parallel.zero_stage),
                sp_mode=str(cfg.parallel.sp.mode), attention_kernel="flash")
 
+    peaks: dict[int, float] = {}
+
     def peak(mb: int) -> float:
-        return simulate(dit, mem, tuple(latent_shape), int(cfg.text.max_length), micro_batch=mb, **sim).peak_gb
+        if mb not in peaks:
+            peaks[mb] = simulate(dit, mem, tuple(latent_shape), int(cfg.text.max_length), micro_batch=mb, **sim).peak_gb
+        return peaks[mb]
 
     first = peak(1)
     if first > budget:

@@ -33,13 +33,14 @@ class ItemTask:
     """Everything needed to produce one sample's tensors, picklable for a worker process.
 
     Args:
-        kind: "videos" or "latents".
+        kind: "videos" or "latents"; key: the sample's key (for messages).
         path, members: the shard and the sample's {ext: (offset, size)} in it.
         clip: videos: num_frames, height, width, frame_stride; latents: the latents meta of its bucket.
         seed: the clip-start seed (videos).
     """
 
     kind: str
+    key: str
     path: str
     members: dict
     clip: dict

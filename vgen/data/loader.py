@@ -17,9 +17,11 @@ randomness that must not depend on (step, rank, micro-step).
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import warnings
+from pathlib import Path
 
 from vgen.data.buckets import Bucket, BucketError, assign, buckets_from_config, default_meta, histogram
 from vgen.data.demo import write_demo_shards
@@ -51,7 +53,8 @@ class _BatchMaker:
     # ---- one micro-batch ----------------------------------------------------------------------------------
     def _task(self, bucket: int, sample: int, slot: int) -> ItemTask:
         path, members = self.index.locate(sample)
-        return ItemTask(self.kind, path, members, self.clips[bucket], derive_seed(self.seed, "clip", slot, sample))
+        return ItemTask(self.kind, self.index.samples[sample].key, path, members, self.clips[bucket],
+                        derive_seed(self.seed, "clip", slot, sample))
 
     def next_batch(self) -> tuple[dict, dict]:
         """This rank's next micro-batch and the global position after it."""
@@ -232,6 +235,25 @@ class LatentLoader(ShardLoader):
 
 
 VideoLoader = ShardLoader  # the video kind adds nothing to the shared loader
+
+
+def write_bucket_histogram(run_dir, loader: ShardLoader) -> dict:
+    """RUN/bucket_histogram.json: samples per bucket in one epoch ("none": fitting no bucket) and each bucket's
+    micro-batch as resolved (micro_batch=auto included)."""
+    out = {"per_epoch": loader.histogram,
+           "buckets": [{"name": b.name, "height": b.height, "width": b.width, "frames": b.frames,
+                        "micro_batch": b.micro_batch} for b in loader.buckets]}
+    Path(run_dir, "bucket_histogram.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def record_keys(run_dir, rank: int, step: int, micro: int, batch: dict) -> None:
+    """Append one micro-batch's sample keys to RUN/data_keys/rank<R>.jsonl (data.record_keys=true)."""
+    folder = Path(run_dir, "data_keys")
+    folder.mkdir(parents=True, exist_ok=True)
+    row = {"step": step, "micro": micro, "bucket": batch["bucket"], "key": batch["key"], "sample_id": batch["sample_id"]}
+    with open(folder / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def make_demo_if_asked(data_cfg) -> None:
