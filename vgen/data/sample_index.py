@@ -67,16 +67,19 @@ class SampleIndex:
         self.shards, self.samples = shards, samples
         self._members = dict(members or {})
         self.skipped_by_reason = dict(skipped or {})
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def fingerprint(self) -> str:
         """Identifies the list of samples; a saved position is only valid for the same list."""
-        h = hashlib.blake2b(digest_size=8)
-        for s in self.samples:
-            h.update(f"{os.path.basename(self.shards[s.shard])}/{s.key}\n".encode())
-        return h.hexdigest()
+        if self._fingerprint is None:  # computed once: the loader's state_dict() carries it every batch
+            h = hashlib.blake2b(digest_size=8)
+            for s in self.samples:
+                h.update(f"{os.path.basename(self.shards[s.shard])}/{s.key}\n".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def locate(self, i: int) -> tuple[str, dict[str, tuple[int, int]]]:
         """(shard path, {ext: (offset, size)}) of sample i; {} when its shard no longer holds it."""
