@@ -96,6 +96,8 @@ def main() -> None:
     ref = args.workers[0]
     result = {
         "benchmark": "data_workers", "device": device_name(), "torch": torch.__version__,
+        # the machine is shared: a load far above the core count means every setting got a fraction of a core
+        "load_average_1_5_15min_at_end": list(os.getloadavg()),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), "git_commit": git_commit(),
         "setup": {"video": "countdown-320x240.mp4 (209 frames, H.264)", "clip": "16 frames at stride 2 -> 64x64",
                   "micro_batch": 4, "batches_per_round": args.batches, "rounds": args.rounds, "prefetch": 2},
