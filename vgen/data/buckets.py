@@ -156,7 +156,7 @@ def auto_micro_batch(cfg, bucket: Bucket, latent_shape, world_size: int, text_di
 
     first = peak(1)
     if first > budget:
-        raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto, but even 1 sample needs {first:.2f} GB per "
+        raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto, but even 1 sample needs {first:.3g} GB per "
                           f"rank > parallel.memory.budget_gb={budget:g}; raise the budget, shrink this bucket, or use "
                           "a more frugal parallel.memory policy")
     good, bad = 1, None
@@ -169,6 +169,6 @@ def auto_micro_batch(cfg, bucket: Bucket, latent_shape, world_size: int, text_di
     while bad is not None and bad - good > 1:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if peak(mid) <= budget else (good, mid)
-    log(f"data: bucket {bucket.name} micro_batch=auto -> {good} (simulated peak {peak(good):.2f} GB <= "
+    log(f"data: bucket {bucket.name} micro_batch=auto -> {good} (simulated peak {peak(good):.3g} GB <= "
         f"parallel.memory.budget_gb={budget:g})")
     return good

@@ -74,8 +74,10 @@ class Trainer:
 
     def _auto_micro_batch(self, bucket, latent_shape) -> int:
         """data.buckets micro_batch=auto: the simulator's largest micro-batch within parallel.memory.budget_gb."""
-        from vgen.data.buckets import auto_micro_batch
+        from vgen.data.buckets import BucketError, auto_micro_batch
 
+        if not hasattr(self.task, "autoencoder"):
+            raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto is for train.task=diffusion")
         shape = latent_shape or self.task.autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)
         return auto_micro_batch(self.cfg, bucket, shape, self.topo.world_size, text_dim=self.task.text_encoder.dim,
                                 log=self._log)
