@@ -274,8 +274,10 @@ def test_loader_skips_damaged_samples_and_needs_the_meta(encoded, tmp_path):
     loader = build_loader(latents_cfg(dst, micro_batch=14), 0, 1, seed=0, prefetch=0)
     with pytest.warns(DataWarning, match="bad_latent"):
         keys = next(loader)["key"]
-    assert bad_key not in keys and wrong_key not in keys and len(set(keys)) == 14
-    assert loader.stats()["skipped_by_reason"] == {"bad_latent": 2}
+    # the two bad slots were filled by stand-ins of the same bucket (so a key may repeat)
+    assert bad_key not in keys and wrong_key not in keys and len(keys) == 14 and len(set(keys)) >= 12
+    assert set(loader.stats()["skipped_by_reason"]) == {"bad_latent"}  # 14 of 16 slots: one or both bad ones
+    assert 1 <= loader.stats()["skipped_by_reason"]["bad_latent"] <= 2
     os.remove(dst / "latents_meta.json")
     with pytest.raises(DataError, match="latents_meta.json"):
         build_loader(latents_cfg(dst), 0, 1, seed=0)
@@ -283,3 +285,32 @@ def test_loader_skips_damaged_samples_and_needs_the_meta(encoded, tmp_path):
     shutil.copy(done / "latents_meta.json", dst)
     with pytest.warns(DataWarning, match="_COMPLETE"):
         build_loader(latents_cfg(dst), 0, 1, seed=0)
+
+
+# ---- buckets -------------------------------------------------------------------------------------------------
+
+def test_latents_are_written_at_each_samples_bucket_and_train_with_the_same_buckets(tmp_path):
+    from bucket_data import BUCKETS, write_bucket_set
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_bucket_set(src, copies=1, corrupt=True)
+    over = [f"data.path={src}", f"data.encode_out={dst}", f"data.buckets={BUCKETS}", "data.frame_stride=2",
+            "data.make_demo=false", "text.max_length=8"]
+    cfg = load_config(over)
+    summary = run_encode(cfg, 0, 1, torch.device("cpu"))
+    assert summary["encoded"] == 6 and summary["skipped"] == 1  # the corrupt video
+    meta = json.loads((dst / "latents_meta.json").read_text())
+    assert [(b["frames"], b["height"], b["width"], b["latent_shape"]) for b in meta["buckets"]] == [
+        (4, 12, 16, [12, 4, 6, 8]), (4, 16, 8, [12, 4, 8, 4]), (1, 8, 8, [12, 1, 4, 4])]
+    lat = OmegaConf.merge(cfg.data, {"kind": "latents", "path": str(dst)})
+    loader = build_loader(lat, 0, 1, seed=0, prefetch=0)
+    videos = build_loader(cfg.data, 0, 1, seed=0, prefetch=0)
+    assert loader.histogram == {"4x12x16": 2, "4x16x8": 1, "1x8x8": 3, "none": 0}
+    assert videos.histogram == {"4x12x16": 3, "4x16x8": 1, "1x8x8": 3, "none": 0}  # + the corrupt one
+    shapes = {}
+    for _ in range(6):
+        batch = next(loader)
+        want = {"4x12x16": (2, 12, 4, 6, 8), "4x16x8": (1, 12, 4, 8, 4), "1x8x8": (3, 12, 1, 4, 4)}[batch["bucket"]]
+        assert tuple(batch["latent"].shape) == want
+        shapes[batch["bucket"]] = want
+    assert len(shapes) == 3

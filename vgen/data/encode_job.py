@@ -13,9 +13,12 @@ Restarts lose at most the shards in flight: a shard is written as NAME.partial a
 so an existing NAME means done and a re-run skips it; a left-behind NAME.partial is overwritten. The rank
 that finds every shard done at its end writes the _COMPLETE marker.
 
-Clips are cut deterministically: `data.num_frames` frames at `data.frame_stride` from frame 0, resized and
-centre-cropped as in training. So a re-encoded shard holds the same tensors, and with the fixed tar mtime
-the same bytes.
+Clips are cut deterministically: from frame 0, at `data.frame_stride`, resized and centre-cropped as in
+training, at the shape of the sample's bucket (`data.buckets`, assigned from the sample's metadata as the
+training loader does; without buckets, `data.num_frames` x `data.height` x `data.width`). Samples that fit no
+bucket are listed as skipped. So a re-encoded shard holds the same tensors, and with the fixed tar mtime the
+same bytes. latents_meta.json lists every bucket with its latent shape, and each sample's .json names its
+bucket, so `data.kind=latents` trains with the same buckets.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import webdataset as wds
 from vgen.config import ConfigError
 from vgen.data.latents import (COMPLETE_NAME, DTYPES, NULL_TEXT_NAME, make_meta, pack_sample, write_meta,
                                write_null_text)
-from vgen.data.loader import SampleError, clip_settings, decode_clip_sample, make_demo_if_asked
+from vgen.data.buckets import Bucket, assign, buckets_from_config, default_meta
+from vgen.data.loader import SampleError, bucket_clip, decode_clip_sample, make_demo_if_asked
+from vgen.data.sample_index import build_index
 from vgen.data.shards import DataError, index_tar, list_shards
 from vgen.models import build_frozen_encoders
 from vgen.models.text_encoder import TextEncoder, default_encoder_path
@@ -84,44 +89,56 @@ def pick_device(run_cfg, local_rank: int) -> torch.device:
 class ShardEncoder:
     """Turns one video shard into one latent shard with a loaded autoencoder and text encoder."""
 
-    def __init__(self, autoencoder, text_encoder: TextEncoder, clip: dict, settings: EncodeSettings, device):
+    def __init__(self, autoencoder, text_encoder: TextEncoder, buckets: list[Bucket], stride: int,
+                 settings: EncodeSettings, device):
         self.autoencoder, self.text_encoder = autoencoder, text_encoder
-        self.clip, self.settings, self.device = clip, settings, device
+        self.buckets, self.stride, self.settings, self.device = buckets, stride, settings, device
 
-    def encode_shard(self, src: str, dst: Path) -> dict:
-        """Write `dst` (via dst.partial) and its skipped list; returns {"encoded": n, "skipped": [...]}."""
+    def encode_shard(self, src: str, dst: Path, bucket_of: dict[str, int]) -> dict:
+        """Write `dst` (via dst.partial) and its skipped list; returns {"encoded": n, "skipped": [...]}.
+
+        Args:
+            bucket_of: key -> bucket index of this shard's samples (-1: fits none, skipped).
+        """
         partial = dst.with_name(dst.name + ".partial")
-        encoded, skipped, pending = 0, [], []
+        encoded, skipped = 0, []
+        pending: dict[int, list] = {b: [] for b in range(len(self.buckets))}  # one autoencoder call = one shape
         with wds.TarWriter(str(partial), mtime=0) as sink:  # fixed mtime: same clips, same bytes
-            for key, item in self._clips(src, skipped):
-                pending.append((key, *item))
-                if len(pending) == self.settings.batch:
-                    encoded += self._flush(pending, src, sink)
-            encoded += self._flush(pending, src, sink)
+            for key, b, item in self._clips(src, skipped, bucket_of):
+                pending[b].append((key, *item))
+                if len(pending[b]) == self.settings.batch:
+                    encoded += self._flush(pending[b], src, sink, self.buckets[b])
+            for b, items in pending.items():
+                encoded += self._flush(items, src, sink, self.buckets[b])
         report = {"source": src, "encoded": encoded, "skipped": skipped}
         # the list lands before the shard: an existing shard always has its list beside it
         _write_json(skipped_path(dst), report)
         os.replace(partial, dst)
         return report
 
-    def _clips(self, src: str, skipped: list):
-        """(key, (video, caption)) of each usable sample in file order; the others go to `skipped`."""
+    def _clips(self, src: str, skipped: list, bucket_of: dict[str, int]):
+        """(key, bucket, (video, caption)) of each usable sample in file order; the others go to `skipped`."""
         samples, error = index_tar(src)
         with open(src, "rb") as handle:
             for key, entries in samples:
+                b = bucket_of.get(key, -1)
+                if b < 0:
+                    skipped.append({"key": key, "reason": "no_bucket", "detail": "fits none of data.buckets"})
+                    continue
                 parts = {}
                 for ext, (offset, size) in entries.items():
                     handle.seek(offset)
                     parts[ext] = handle.read(size)
                 try:
-                    yield key, decode_clip_sample(parts, self.clip, start=CLIP_START)
+                    yield key, b, decode_clip_sample(parts, bucket_clip(self.buckets[b], self.stride),
+                                                     start=CLIP_START)
                 except SampleError as e:
                     skipped.append({"key": key, "reason": e.reason, "detail": str(e)})
         if error:  # the samples after the damage are lost; say so once, with no key
             skipped.append({"key": None, "reason": "corrupt_tar", "detail": error})
 
     @torch.no_grad()
-    def _flush(self, pending: list, src: str, sink) -> int:
+    def _flush(self, pending: list, src: str, sink, bucket: Bucket) -> int:
         """Encode the pending clips as one batch, write them, and empty the list."""
         if not pending:
             return 0
@@ -130,7 +147,10 @@ class ShardEncoder:
         text, mask = self.text_encoder(list(captions))  # (B, L, dim), (B, L)
         for i, key in enumerate(keys):
             source = {"key": key, "shard": os.path.basename(src)}
-            sink.write(pack_sample(key, latents[i], text[i], mask[i], captions[i], source, self.settings.dtype))
+            sample = pack_sample(key, latents[i], text[i], mask[i], captions[i], source, self.settings.dtype)
+            info = json.loads(sample["json"])  # the bucket, for training with the same buckets
+            sample["json"] = json.dumps({**info, "bucket": [bucket.frames, bucket.height, bucket.width]}, sort_keys=True)
+            sink.write(sample)
         pending.clear()
         return len(keys)
 
@@ -157,15 +177,22 @@ def build_encoders(cfg, device) -> tuple:
 
 def prepare_output(cfg, settings: EncodeSettings, autoencoder, text_encoder) -> dict:
     """Create DST with its meta and null-text files (every rank may; the writes are atomic and equal)."""
-    clip = clip_settings(cfg.data)
-    try:
-        latent_shape = autoencoder.latent_shape(clip["num_frames"], clip["height"], clip["width"])
-    except ValueError as e:
-        raise ConfigError(f"data.num_frames/height/width={clip['num_frames']}/{clip['height']}/{clip['width']} "
-                          f"do not suit autoencoder.kind={cfg.autoencoder.kind}: {e}") from e
+    entries = []
+    for b in buckets_from_config(cfg.data):
+        try:
+            shape = autoencoder.latent_shape(b.frames, b.height, b.width)
+        except ValueError as e:
+            what = "data.buckets " + b.name if cfg.data.get("buckets") else "data.num_frames/height/width=" + \
+                f"{b.frames}/{b.height}/{b.width}"
+            raise ConfigError(f"{what} do not suit autoencoder.kind={cfg.autoencoder.kind}: {e}") from e
+        entries.append({"frames": b.frames, "height": b.height, "width": b.width, "latent_shape": [int(s) for s in shape]})
+    first = entries[0]  # "clip" and "latent_shape" keep the one-shape layout readable by older code
+    clip = {"num_frames": first["frames"], "height": first["height"], "width": first["width"],
+            "frame_stride": int(cfg.data.frame_stride), "start": CLIP_START}
     settings.out.mkdir(parents=True, exist_ok=True)
     meta = make_meta(cfg.autoencoder, cfg.text.encoder_path or default_encoder_path(), cfg.text.max_length,
-                     text_encoder.dim, {**clip, "start": CLIP_START}, latent_shape, settings.dtype, cfg.data.path)
+                     text_encoder.dim, clip, first["latent_shape"], settings.dtype, cfg.data.path)
+    meta["buckets"] = entries
     write_meta(settings.out, meta)
     if not (settings.out / NULL_TEXT_NAME).is_file():
         emb, mask = text_encoder([""])
@@ -209,7 +236,9 @@ def run_encode(cfg, rank: int, world: int, device) -> dict:
     _drop_stale_marker(settings.out, names)
     autoencoder, text_encoder = build_encoders(cfg, device)
     prepare_output(cfg, settings, autoencoder, text_encoder)
-    encoder = ShardEncoder(autoencoder, text_encoder, clip_settings(cfg.data), settings, device)
+    buckets = buckets_from_config(cfg.data)
+    encoder = ShardEncoder(autoencoder, text_encoder, buckets, int(cfg.data.frame_stride), settings, device)
+    bucket_of = _bucket_of(shards, cfg.data, buckets)
     summary = {"encoded": 0, "skipped": 0, "shards_done": 0, "shards_skipped": 0}
     start = time.perf_counter()
     for src, name in list(zip(shards, names))[rank::world]:
@@ -219,7 +248,7 @@ def run_encode(cfg, rank: int, world: int, device) -> dict:
             _log(rank, world, f"skip {name}: already encoded")
             continue
         t0 = time.perf_counter()
-        report = encoder.encode_shard(src, dst)
+        report = encoder.encode_shard(src, dst, bucket_of.get(src, {}))
         summary["shards_done"] += 1
         summary["encoded"] += report["encoded"]
         summary["skipped"] += len(report["skipped"])
@@ -229,6 +258,15 @@ def run_encode(cfg, rank: int, world: int, device) -> dict:
     if _mark_complete_if_done(settings.out, names):
         _log(rank, world, f"all {len(names)} shards of {cfg.data.path} are encoded in {settings.out}")
     return summary
+
+
+def _bucket_of(shards: list[str], data_cfg, buckets: list[Bucket]) -> dict[str, dict[str, int]]:
+    """shard -> key -> bucket index, from the set's metadata (the training loader's rule)."""
+    index, default = build_index(shards, str(data_cfg.path)), default_meta(data_cfg)
+    out: dict[str, dict[str, int]] = {}
+    for s in index.samples:
+        out.setdefault(shards[s.shard], {})[s.key] = assign(s.meta, buckets, int(data_cfg.frame_stride), default)
+    return out
 
 
 def _log(rank: int, world: int, msg: str) -> None:

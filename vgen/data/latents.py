@@ -39,7 +39,7 @@ NULL_TEXT_NAME = "null_text.safetensors"
 COMPLETE_NAME = "_COMPLETE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # meta keys two encodings must share to live in one directory ("source" may move between machines)
-_SAME_ENCODING = ("format", "autoencoder", "text", "clip", "latent_shape", "dtype")
+_SAME_ENCODING = ("format", "autoencoder", "text", "clip", "latent_shape", "dtype", "buckets")
 
 
 class LatentFormatError(ValueError):

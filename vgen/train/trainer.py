@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vgen.config import to_yaml
-from vgen.data.loader import build_loader
+from vgen.data.loader import build_loader, record_keys, write_bucket_histogram
 from vgen.parallel.offload import reserve_offload_arena
 from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
@@ -33,12 +33,14 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.run_dir = Path(cfg.run.dir)
         setup.set_determinism(cfg)
-        self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
+        self.task = build_task(cfg, self.device, None)  # the loader's auto micro-batches need its encoders
+        self.loader = self.task.loader = build_loader(
+            cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed, grad_accum=cfg.train.grad_accum,
+            micro_batch_for=self._auto_micro_batch, log=self._log)
         if cfg.data.kind == "latents":
             from vgen.data.latents import check_compatible
 
             check_compatible(self.loader.meta, cfg)  # latents from another autoencoder/text setting
-        self.task = build_task(cfg, self.device, self.loader)
         model = self.task.build_model()
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model))
         self.resume_tag = self.ckpt.latest_complete()
@@ -73,6 +75,16 @@ class Trainer:
         mem.merge_with(plan.settings())
         self._log(f"memory plan: {plan.settings()}")
 
+    def _auto_micro_batch(self, bucket, latent_shape) -> int:
+        """data.buckets micro_batch=auto: the simulator's largest micro-batch within parallel.memory.budget_gb."""
+        from vgen.data.buckets import BucketError, auto_micro_batch
+
+        if not hasattr(self.task, "autoencoder"):
+            raise BucketError(f"data.buckets {bucket.name}: micro_batch=auto is for train.task=diffusion")
+        shape = latent_shape or self.task.autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)
+        return auto_micro_batch(self.cfg, bucket, shape, self.topo.world_size, text_dim=self.task.text_encoder.dim,
+                                log=self._log)
+
     # ---- resume and run files -------------------------------------------------------------------------
     def _resume(self) -> int:
         tag = self.resume_tag
@@ -94,6 +106,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
+            write_bucket_histogram(self.run_dir, self.loader)
         dist.barrier()
 
     def _log(self, msg: str) -> None:
@@ -107,9 +120,13 @@ class Trainer:
     def train_step(self) -> dict:
         step = self.step + 1
         start = time.perf_counter()
-        losses, tokens = [], 0
+        losses, tokens, self._samples = [], 0, 0
         for micro in range(self.cfg.train.grad_accum):
-            loss, tokens = self.task.loss(self.engine, next(self.loader), step, self.topo.dp_rank, micro)
+            batch = next(self.loader)
+            self._samples += len(batch["caption"])
+            if self.cfg.data.record_keys:
+                record_keys(self.run_dir, dist.get_rank(), step, micro, batch)
+            loss, tokens = self.task.loss(self.engine, batch, step, self.topo.dp_rank, micro)
             # SP ranks each hold partial-sum gradients and ZeRO averages over all ranks: scale back up
             self.engine.backward(loss * self.topo.sp_size)
             self.engine.step()
@@ -122,7 +139,7 @@ class Trainer:
         return self._record(step, loss.item(), time.perf_counter() - start, tokens)
 
     def _record(self, step: int, loss: float, seconds: float, tokens: int) -> dict:
-        samples = self.cfg.data.micro_batch * self.cfg.train.grad_accum * self.topo.dp_size
+        samples = self._samples * self.topo.dp_size  # every rank of a step holds the same bucket and count
         norm = self.engine.get_global_grad_norm()
         rec = {
             "step": step,
@@ -213,5 +230,5 @@ def run_training(cfg) -> None:
     # leave together and tear the process group down explicitly: a rank still holding gloo threads at
     # interpreter exit can abort ("terminate called without an active exception") after a good run
     dist.barrier()
-    trainer.loader.close()
+    trainer.loader.close(workers=True)
     dist.destroy_process_group()
