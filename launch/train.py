@@ -21,11 +21,9 @@ from launch.common import hydra_overrides, run_cli  # noqa: E402
 
 def main() -> None:
     from vgen.config import load_config
-    from vgen.train.trainer import run_training
-
-    import torch.distributed as dist
-
     from vgen.train.durable import SaveError
+    from vgen.train.setup import is_collective_failure
+    from vgen.train.trainer import run_training
 
     cfg = load_config(hydra_overrides(sys.argv[1:]))
     try:
@@ -33,7 +31,9 @@ def main() -> None:
     except SaveError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         os._exit(3)  # skip interpreter teardown: other ranks may be gone, and gloo threads can abort on it
-    except dist.DistError as err:
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
         print(f"error: a collective failed on rank {os.environ.get('RANK', '0')}: a peer rank or node died or did "
               f"not answer within train.collective_timeout_s={cfg.train.collective_timeout_s:g} ({err})",
               file=sys.stderr, flush=True)
