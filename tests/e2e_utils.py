@@ -77,10 +77,14 @@ def check(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def sample_ids(run_dir: Path) -> dict[int, list[str]]:
-    """Per step, the sorted sample ids the whole job trained on (train.log_sample_ids=true)."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "sample_ids.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["ids"] for r in rows}
+def sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    """Per step, the sorted sample ids the whole job trained on (data.record_keys=true, all ranks)."""
+    out: dict[int, set] = {}
+    for path in sorted((Path(run_dir) / "data_keys").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], set()).update(row["sample_id"])
+    return {step: sorted(ids) for step, ids in out.items()}
 
 
 def demo_shards(out: Path, num_clips: int = 32) -> Path:

@@ -274,8 +274,10 @@ def test_loader_skips_damaged_samples_and_needs_the_meta(encoded, tmp_path):
     loader = build_loader(latents_cfg(dst, micro_batch=14), 0, 1, seed=0, prefetch=0)
     with pytest.warns(DataWarning, match="bad_latent"):
         keys = next(loader)["key"]
-    assert bad_key not in keys and wrong_key not in keys and len(set(keys)) == 14
-    assert loader.stats()["skipped_by_reason"] == {"bad_latent": 2}
+    # the two bad slots were filled by stand-ins of the same bucket (so a key may repeat)
+    assert bad_key not in keys and wrong_key not in keys and len(keys) == 14 and len(set(keys)) >= 12
+    assert set(loader.stats()["skipped_by_reason"]) == {"bad_latent"}  # 14 of 16 slots: one or both bad ones
+    assert 1 <= loader.stats()["skipped_by_reason"]["bad_latent"] <= 2
     os.remove(dst / "latents_meta.json")
     with pytest.raises(DataError, match="latents_meta.json"):
         build_loader(latents_cfg(dst), 0, 1, seed=0)

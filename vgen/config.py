@@ -72,6 +72,14 @@ class DataConfig:
     # take every `frame_stride`-th frame of the source clip
     frame_stride: int = 1
     micro_batch: int = 4
+    # several clip shapes in one run: a list of {height, width, frames, micro_batch} (micro_batch: an int or
+    # "auto" = the largest that fits parallel.memory.budget_gb; omitted = data.micro_batch). Each sample goes to
+    # the bucket it fits best (vgen/data/buckets.py); empty = the one shape above.
+    buckets: List[Any] = field(default_factory=list)
+    # decoding worker processes (0: decode on the loader's prefetch thread); the order does not depend on it
+    workers: int = 0
+    # write each step's sample keys per rank to RUN/data_keys/rank<R>.jsonl (tests, audits)
+    record_keys: bool = False
     # build the project's own demo shards in `path` when it holds none
     make_demo: bool = False
     demo_clips: int = 512
@@ -119,8 +127,6 @@ class TrainConfig:
     allow_batch_change: bool = False
     # every collective fails after this many seconds instead of hanging when a rank or node died
     collective_timeout_s: float = 1800.0
-    # write the sample ids of every step to RUN/sample_ids.jsonl (tests compare sample streams with it)
-    log_sample_ids: bool = False
 
 
 @dataclass
@@ -264,6 +270,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.kind in ("videos", "latents"), f"data.kind={cfg.data.kind!r} must be 'videos' or 'latents'")
     _check(cfg.data.micro_batch >= 1, "data.micro_batch must be >= 1")
     _check(cfg.data.num_frames >= 1, "data.num_frames must be >= 1")
+    _check(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    from vgen.data.buckets import BucketError, buckets_from_config  # local import, as below
+
+    try:
+        buckets_from_config(cfg.data)
+    except BucketError as e:
+        raise ConfigError(str(e)) from None
     _check(0.0 <= cfg.text.dropout < 1.0, "text.dropout must be in [0, 1)")
     _check(cfg.run.device in ("auto", "cpu", "cuda"), f"run.device={cfg.run.device!r} must be auto, cpu or cuda")
     from vgen.models.presets import PRESETS  # local import: config must not pull the model at import time

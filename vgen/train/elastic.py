@@ -24,12 +24,18 @@ from vgen.config import ConfigError
 DONE = ".converted"
 
 
-def run_layout(cfg, topo) -> dict:
-    """What a checkpoint records about the run that wrote it (meta.json)."""
+def run_layout(cfg, topo, loader=None) -> dict:
+    """What a checkpoint records about the run that wrote it (meta.json).
+
+    global_batch: samples per optimizer step; with data.buckets, one per bucket (from the loader's order).
+    """
     micro, accum = int(cfg.data.micro_batch), int(cfg.train.grad_accum)
+    per_bucket = loader.state_dict().get("global_batch") if loader is not None else None
+    if per_bucket and len(per_bucket) == 1:
+        per_bucket = per_bucket[0]
     return {"world_size": topo.world_size, "dp_size": topo.dp_size, "sp_size": topo.sp_size,
             "zero_stage": int(cfg.parallel.zero_stage), "micro_batch": micro, "grad_accum": accum,
-            "global_batch": micro * accum * topo.dp_size}
+            "global_batch": per_bucket or micro * accum * topo.dp_size}
 
 
 def check_global_batch(saved: dict, now: dict, cfg, tag: str) -> None:
@@ -37,8 +43,9 @@ def check_global_batch(saved: dict, now: dict, cfg, tag: str) -> None:
     if "global_batch" not in saved or saved["global_batch"] == now["global_batch"] or cfg.train.allow_batch_change:
         return
     def describe(x: dict) -> str:
-        return (f"{x['global_batch']} = data.micro_batch {x['micro_batch']} x train.grad_accum {x['grad_accum']} "
-                f"x data-parallel size {x['dp_size']} (world {x['world_size']} / parallel.sp.degree {x['sp_size']})")
+        micro = "the data.buckets micro_batch values" if isinstance(x["global_batch"], list) else f"data.micro_batch {x['micro_batch']}"
+        return (f"{x['global_batch']} = {micro} x train.grad_accum {x['grad_accum']} x data-parallel size "
+                f"{x['dp_size']} (world {x['world_size']} / parallel.sp.degree {x['sp_size']})")
     raise ConfigError(
         f"run.dir={cfg.run.dir!r}: checkpoint {tag} was trained with global batch {describe(saved)}; this resume "
         f"has global batch {describe(now)}. Choose data.micro_batch / train.grad_accum so the global batch stays "

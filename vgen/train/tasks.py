@@ -53,7 +53,10 @@ class DiffusionTask:
         if self.cfg.data.kind == "latents":
             return tuple(self.loader.meta["latent_shape"])
         d = self.cfg.data
-        return tuple(self.autoencoder.latent_shape(d.num_frames, d.height, d.width))
+        buckets = getattr(self.loader, "buckets", None) or []  # with data.buckets: the one of most tokens
+        shapes = [self.autoencoder.latent_shape(b.frames, b.height, b.width) for b in buckets]
+        return tuple(max(shapes, key=lambda s: s[1] * s[2] * s[3], default=None)
+                     or self.autoencoder.latent_shape(d.num_frames, d.height, d.width))
 
     def signature(self, model) -> dict:
         """The settings a checkpoint must share with the config to be loaded into this model."""

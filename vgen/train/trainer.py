@@ -6,7 +6,6 @@ data path, model preset, checkpoint compatibility) is checked before the run dir
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vgen.config import to_yaml
-from vgen.data.loader import build_loader
+from vgen.data.loader import build_loader, record_keys, write_bucket_histogram
 from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
 from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
@@ -25,7 +24,7 @@ from vgen.train.durable import fault_point
 from vgen.train.elastic import check_global_batch, needs_universal, prepare_universal, run_layout
 from vgen.train.ema import ShardedEMA
 from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
-from vgen.train.tasks import build_task, sample_ids
+from vgen.train.tasks import build_task
 
 
 class Trainer:
@@ -35,16 +34,18 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.run_dir = Path(cfg.run.dir)
         setup.set_determinism(cfg)
-        self.loader = build_loader(cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed)
+        self.task = build_task(cfg, self.device, None)  # the loader's auto micro-batches need its encoders
+        self.loader = self.task.loader = build_loader(
+            cfg.data, self.topo.dp_rank, self.topo.dp_size, cfg.run.seed, grad_accum=cfg.train.grad_accum,
+            micro_batch_for=self._auto_micro_batch, log=self._log)
         if cfg.data.kind == "latents":
             from vgen.data.latents import check_compatible
 
             check_compatible(self.loader.meta, cfg)  # latents from another autoencoder/text setting
-        self.task = build_task(cfg, self.device, self.loader)
         model = self.task.build_model()
         background = cfg.checkpoint["async"] if cfg.checkpoint["async"] is not None else self.device.type == "cuda"
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model), background)
-        self.layout = run_layout(cfg, self.topo)
+        self.layout = run_layout(cfg, self.topo, self.loader)
         self.resume_tag = self.ckpt.select_resume_tag(self._log)  # newest whose checksums pass
         universal = False
         if self.resume_tag:
@@ -80,6 +81,14 @@ class Trainer:
         mem.merge_with(plan.settings())
         self._log(f"memory plan: {plan.settings()}")
 
+    def _auto_micro_batch(self, bucket, latent_shape) -> int:
+        """data.buckets micro_batch=auto: the simulator's largest micro-batch within parallel.memory.budget_gb."""
+        from vgen.data.buckets import auto_micro_batch
+
+        shape = latent_shape or self.task.autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)
+        return auto_micro_batch(self.cfg, bucket, shape, self.topo.world_size, text_dim=self.task.text_encoder.dim,
+                                log=self._log)
+
     # ---- resume and run files -------------------------------------------------------------------------
     def _resume(self, universal: bool) -> int:
         tag = self.resume_tag
@@ -108,7 +117,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
-            truncate_after(self.run_dir / "sample_ids.jsonl", self.step)
+            write_bucket_histogram(self.run_dir, self.loader)
         dist.barrier()
 
     def _log(self, msg: str) -> None:
@@ -122,39 +131,31 @@ class Trainer:
     def train_step(self) -> dict:
         step = self.step + 1
         start = time.perf_counter()
-        loss_sum, count, tokens, ids = torch.zeros(2, dtype=torch.float64, device=self.device), 0, 0, []
+        loss_sum, tokens, self._samples = torch.zeros(2, dtype=torch.float64, device=self.device), 0, 0
         for micro in range(self.cfg.train.grad_accum):
             fault_point("data", step)
             batch = next(self.loader)
+            if self.cfg.data.record_keys:
+                record_keys(self.run_dir, dist.get_rank(), step, micro, batch)
             loss, tokens = self.task.loss(self.engine, batch, step, self.topo.dp_rank, micro)
             # SP ranks each hold partial-sum gradients and ZeRO averages over all ranks: scale back up
             self.engine.backward(loss * self.topo.sp_size)
             fault_point("step", step)
             self.engine.step()
-            ids += sample_ids(batch)
             loss_sum[0] += loss.detach().double() * len(batch["caption"])
-            count += len(batch["caption"])
+            self._samples += len(batch["caption"])
         self.ema.update()
         self.step = step
         # the logged loss is the mean over the global batch's samples, whatever their split over ranks and
         # micro-steps (so runs with another dp size compare); SP ranks count their group's samples once each,
         # which cancels in the ratio
-        loss_sum[1] = count
+        loss_sum[1] = self._samples
         dist.all_reduce(loss_sum)
-        self._log_sample_ids(step, ids)
         return self._record(step, (loss_sum[0] / loss_sum[1]).item(), time.perf_counter() - start, tokens)
 
-    def _log_sample_ids(self, step: int, ids: list) -> None:
-        if not self.cfg.train.log_sample_ids:
-            return
-        gathered = [None] * self.topo.world_size
-        dist.all_gather_object(gathered, [str(i) for i in ids])
-        if self.is_main:
-            with open(self.run_dir / "sample_ids.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "ids": sorted(set(sum(gathered, [])))}) + "\n")
 
     def _record(self, step: int, loss: float, seconds: float, tokens: int) -> dict:
-        samples = self.cfg.data.micro_batch * self.cfg.train.grad_accum * self.topo.dp_size
+        samples = self._samples * self.topo.dp_size  # every rank of a step holds the same bucket and count
         norm = self.engine.get_global_grad_norm()
         rec = {
             "step": step,
@@ -253,5 +254,5 @@ def run_training(cfg) -> None:
     # leave together and tear the process group down explicitly: a rank still holding gloo threads at
     # interpreter exit can abort ("terminate called without an active exception") after a good run
     dist.barrier()
-    trainer.loader.close()
+    trainer.loader.close(workers=True)
     dist.destroy_process_group()
