@@ -92,3 +92,12 @@ def demo_shards(out: Path, num_clips: int = 32) -> Path:
 
     write_demo_shards(out, num_clips=num_clips, clips_per_shard=8, num_frames=4, height=16, width=16)
     return out
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc): launchers start ranks as children or grandchildren."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in children(k)]

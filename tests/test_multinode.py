@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_utils import PY, ROOT, TINY, TORCHRUN, check, demo_shards, env, free_port, launch, losses, run_group
+from e2e_utils import ROOT, TINY, TORCHRUN, check, children, demo_shards, env, free_port, launch, losses
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,6 @@ def finish(nodes: list[subprocess.Popen], timeout: int = 400) -> list[subprocess
             p.wait()
         out.append(subprocess.CompletedProcess(p.args, p.returncode, p.log.read_text(), ""))
     return out
-
-
-def children(pid: int) -> list[int]:
-    """Every descendant of `pid` (from /proc)."""
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [g for k in kids for g in children(k)]
 
 
 def _kill_quietly(pid: int) -> None:
