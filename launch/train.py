@@ -6,7 +6,9 @@
     deepspeed --num_gpus 8 launch/train.py experiment=... run.dir=... parallel.zero_stage=3
     deepspeed --hostfile hosts launch/train.py experiment=... run.dir=...
 
-Re-running the same command with the same run.dir resumes from its newest complete checkpoint.
+Re-running the same command with the same run.dir resumes from its newest complete checkpoint, also on
+another number of GPUs or sequence-parallel degree (same global batch). Exit status: 2 bad input, 3 a
+checkpoint could not be saved (the previous one is kept), 4 a collective failed (a rank or node died).
 """
 
 import os
@@ -19,10 +21,23 @@ from launch.common import hydra_overrides, run_cli  # noqa: E402
 
 def main() -> None:
     from vgen.config import load_config
+    from vgen.train.durable import SaveError
+    from vgen.train.setup import is_collective_failure
     from vgen.train.trainer import run_training
 
     cfg = load_config(hydra_overrides(sys.argv[1:]))
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except SaveError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        os._exit(3)  # skip interpreter teardown: other ranks may be gone, and gloo threads can abort on it
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        print(f"error: a collective failed on rank {os.environ.get('RANK', '0')}: a peer rank or node died or did "
+              f"not answer within train.collective_timeout_s={cfg.train.collective_timeout_s:g} ({err})",
+              file=sys.stderr, flush=True)
+        os._exit(4)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     e.pop("WANDB_MODE", None)  # log.wandb decides (TINY disables it; never online in tests)
-    e.pop("VGEN_FAULT_KILL_IN_CHECKPOINT", None)
+    for var in ("VGEN_FAULT_KILL_IN_CHECKPOINT", "VGEN_FAULT", "VGEN_FAULT_ENOSPC"):
+        e.pop(var, None)
     return e
 
 
@@ -74,3 +75,29 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def check(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    """Per step, the sorted sample ids the whole job trained on (data.record_keys=true, all ranks)."""
+    out: dict[int, set] = {}
+    for path in sorted((Path(run_dir) / "data_keys").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], set()).update(row["sample_id"])
+    return {step: sorted(ids) for step, ids in out.items()}
+
+
+def demo_shards(out: Path, num_clips: int = 32) -> Path:
+    from vgen.data.demo import write_demo_shards
+
+    write_demo_shards(out, num_clips=num_clips, clips_per_shard=8, num_frames=4, height=16, width=16)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc): launchers start ranks as children or grandchildren."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in children(k)]

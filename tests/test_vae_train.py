@@ -27,12 +27,12 @@ def test_vae_task_loss_is_l1_plus_kl():
     task = VAETask(cfg, torch.device("cpu"), loader=None)
     model = task.build_model()
     video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
-    loss, tokens = task.loss(_Engine(model), {"video": video}, step=1, dp_rank=0, micro=0)
+    loss, tokens = task.loss(_Engine(model), {"video": video, "key": ["a", "b"]}, step=1, dp_rank=0, micro=0)
     assert tokens == 2 * 2 * 2  # latent (T', H', W') = (2, 2, 2)
     # recompute by hand with the same eps
-    from vgen.train.tasks import step_generator
+    from vgen.train.tasks import sample_generator
 
-    eps = torch.randn((2, 8, 2, 2, 2), generator=step_generator(cfg.run.seed, 1, 0, 0))
+    eps = torch.stack([torch.randn((8, 2, 2, 2), generator=sample_generator(cfg.run.seed, 1, k)) for k in "ab"])
     recon, mean, logvar = model(video, eps)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     assert torch.allclose(loss, (recon - video).abs().mean() + 0.5 * kl)

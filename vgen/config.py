@@ -122,12 +122,34 @@ class TrainConfig:
     task: str = "diffusion"
     kl_weight: float = 1e-6
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # resuming with another global batch (micro_batch x grad_accum x data-parallel size) changes the sample
+    # stream and the optimisation; refused unless set
+    allow_batch_change: bool = False
+    # every collective fails after this many seconds instead of hanging when a rank or node died
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 250
     keep: int = 2
+
+
+def _add_keyword_field(cls, name: str, typ, default):
+    """Add a field whose name is a Python keyword (`checkpoint.async`), which dataclass syntax cannot spell.
+
+    The class is rebuilt without a generated __init__ (it would need `async` as a parameter name);
+    OmegaConf reads only the fields and their defaults.
+    """
+    ns = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    ns["__annotations__"] = {**cls.__annotations__, name: typ}
+    ns[name] = default
+    return dataclass(init=False, repr=False, eq=False)(type(cls.__name__, (), ns))
+
+
+# write checkpoints on a background thread while training goes on (vgen/train/async_save.py);
+# null = on with CUDA, off on CPU
+CheckpointConfig = _add_keyword_field(CheckpointConfig, "async", Optional[bool], None)
 
 
 @dataclass
@@ -256,6 +278,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.task in ("diffusion", "vae"), f"train.task={cfg.train.task!r} must be 'diffusion' or 'vae'")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    _check(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
     _check(cfg.log.every_steps >= 1, "log.every_steps must be >= 1")
     _check(cfg.parallel.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0, 1, 2 or 3")
     _check(0.0 < cfg.parallel.memory.offload_host_fraction <= 0.9,

@@ -1,41 +1,39 @@
-"""Checkpoints in the run directory: save, find the newest complete one, prune, export safetensors.
+"""Checkpoints in the run directory: save (sync or async), find the newest verified one, prune, export.
 
 Layout of RUN/checkpoints/:
   step00000300/            DeepSpeed's files (model, optimizer, LR scheduler)
     rank00000.pt ...       per-rank state: data position, RNG states, EMA shards
-    meta.json              written last, by rank 0, after every rank finished: marks the tag complete
+    universal/             made at resume when the saved layout (world size, ZeRO stage) differs
+    meta.json              written last, by rank 0, after every rank's files are fsynced: marks the tag
+                           complete; holds the run's layout and a sha256 of every file
   latest                   the newest complete tag, replaced atomically after meta.json
 
 A process killed while writing leaves a tag without meta.json; resume ignores it and takes the previous
-complete one, and the next successful save removes it.
+complete one, and the next successful save removes it. A complete tag whose files fail their checksum is
+skipped at resume, naming the file. See vgen/train/durable.py and vgen/train/async_save.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from vgen.config import ConfigError
+from vgen.train.async_save import SnapshotEngine, Writer
+from vgen.train.durable import SaveError, atomic_write_text, fault_point, find_bad_file, fsync_dir, fsync_file
 
 META = "meta.json"
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -54,29 +52,63 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep: int, model_signature: dict):
+    """Saves and finds checkpoints. Every method that says "collective" must be called on every rank.
+
+    Args:
+        keep: complete checkpoints to keep.
+        model_signature: what must match for a checkpoint to load into this model.
+        background: write saves on a background thread (checkpoint.async).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, model_signature: dict, background: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.signature = model_signature  # what must match for a checkpoint to load into this model
+        self.signature = model_signature
+        self.writer = Writer(background)
+        self.pending: dict | None = None  # the save whose files are being written: {"tag", "step", "meta"}
 
+    # ---- finding a checkpoint ---------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
         if not self.dir.is_dir():
             return []
         return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and (p / META).is_file())
 
-    def latest_complete(self) -> str | None:
-        """The tag named by `latest` if complete, else the newest complete tag, else None."""
+    def candidates(self) -> list[str]:
+        """Complete tags, the one named by `latest` first, then the others newest first."""
+        tags = self.complete_tags()[::-1]
         latest = self.dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (self.dir / tag / META).is_file():
+        named = latest.read_text().strip() if latest.is_file() else None
+        return ([named] if named in tags else []) + [t for t in tags if t != named]
+
+    def latest_complete(self) -> str | None:
+        """The tag named by `latest` if complete, else the newest complete tag, else None (no verification)."""
+        tags = self.candidates()
+        return tags[0] if tags else None
+
+    def read_meta(self, tag: str) -> dict:
+        return json.loads((self.dir / tag / META).read_text())
+
+    def select_resume_tag(self, log: Callable[[str], None]) -> str | None:
+        """The newest complete checkpoint whose files all pass their checksum (collective).
+
+        Ranks verify interleaved slices of the file list, so no rank reads the whole checkpoint; a bad
+        file makes every rank fall back to the previous complete checkpoint, and the file is named.
+        """
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for tag in self.candidates():
+            files = self.read_meta(tag).get("files")
+            if files is None:  # written before checksums existed: complete, but unverifiable
                 return tag
-        tags = self.complete_tags()
-        return tags[-1] if tags else None
+            mine = sorted(files)[rank::world]
+            bad = [b for b in _all_gather(find_bad_file(self.dir / tag, files, mine)) if b]
+            if not bad:
+                return tag
+            log(f"checkpoint {tag} is damaged: {bad[0]}; falling back to the previous complete checkpoint")
+        return None
 
     def check_compatible(self, tag: str) -> None:
         """Refuse to resume a checkpoint written for a different model; names the differing settings."""
-        saved = json.loads((self.dir / tag / META).read_text())["model_signature"]
+        saved = self.read_meta(tag)["model_signature"]
         diffs = [f"{k}: checkpoint {saved.get(k)!r} != config {v!r}" for k, v in self.signature.items() if saved.get(k) != v]
         if diffs:
             raise ConfigError(
@@ -84,25 +116,93 @@ class CheckpointManager:
                 + "; ".join(diffs) + "). Use another run.dir or the same model settings; nothing was changed."
             )
 
-    def save(self, engine, step: int, rank_state: dict) -> str:
-        """Save on every rank (a collective); returns the tag."""
+    def load_rank_state(self, tag: str, rank: int | None = None) -> dict | None:
+        rank = dist.get_rank() if rank is None else rank
+        path = self.dir / tag / f"rank{rank:05d}.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    # ---- saving -----------------------------------------------------------------------------------------
+    def use_snapshot_engine(self, engine) -> None:
+        """DeepSpeed hands its state dicts to us; the writer writes them (see async_save.py)."""
+        engine.checkpoint_engine = SnapshotEngine()
+
+    def save(self, engine, step: int, rank_state: dict, meta: dict, export: Callable[[], list] | None = None) -> str:
+        """Start saving at `step` (collective). Sync: returns with the checkpoint complete. Async: the files
+        are written in the background; `finish` (at a later step boundary) marks it complete.
+
+        Args:
+            meta: the run's layout (world size, global batch, ...) recorded in meta.json.
+            export: a job run by the writer after the checkpoint files (the safetensors export).
+        """
+        if self.pending is not None:  # at most one save in flight
+            self.writer.wait()
+            self.finish()
         tag = tag_for(step)
         rank = dist.get_rank()
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        torch.save(rank_state, self.dir / tag / f"rank{rank:05d}.pt")
-        _maybe_fault("VGEN_FAULT_KILL_IN_CHECKPOINT", step)
+        if rank == 0 and (self.dir / tag).exists():
+            shutil.rmtree(self.dir / tag)  # torn by an earlier killed save of the same step
         dist.barrier()
-        if rank == 0:
-            meta = {"step": step, "world_size": dist.get_world_size(), "model_signature": self.signature}
-            _atomic_write(self.dir / tag / META, json.dumps(meta, indent=1))
-            _atomic_write(self.dir / "latest", tag)
-            self._prune(keep_tag=tag)
+        fault_point("ckpt_begin", step)
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, client_state=_universal_info())
+        items = engine.checkpoint_engine.take() + [(_snapshot_rank_state(rank_state), str(self.dir / tag / f"rank{rank:05d}.pt"))]
+        fault_point("ckpt_snapshot", step)
+        self.pending = {"tag": tag, "step": step, "meta": meta}
+        self.writer.submit(self.dir / tag, items, [export] if export else [], step)
+        if not self.writer.background:
+            self.finish()
+        return tag
+
+    def busy(self) -> bool:
+        """This rank is still writing the pending save."""
+        return self.writer.in_flight()
+
+    def finish(self) -> str | None:
+        """Mark the pending save complete once every rank wrote it (collective; call when no rank is busy).
+
+        Raises SaveError on every rank when any rank's write failed; the torn tag is removed and the
+        previous complete checkpoint stays as it was.
+        """
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        tag, step = pending["tag"], pending["step"]
+        fault_point("ckpt_rank_files", step)
+        try:
+            local = {"files": self.writer.result()}
+        except OSError as e:
+            from vgen.train.durable import describe_os_error
+
+            local = {"error": describe_os_error(e, f"checkpoint {tag} on rank {dist.get_rank()}")}
+        except Exception as e:  # noqa: BLE001 - any failure must stop every rank, not only this one
+            local = {"error": f"saving checkpoint {tag} on rank {dist.get_rank()} failed: {type(e).__name__}: {e}"}
+        results = _all_gather(local)
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            if dist.get_rank() == 0:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            dist.barrier()
+            raise SaveError(errors[0])
+        if dist.get_rank() == 0:
+            files = {k: v for r in results for k, v in r["files"].items()}
+            self._mark_complete(tag, step, {**pending["meta"], "files": files})
         dist.barrier()
         return tag
 
-    def load_rank_state(self, tag: str) -> dict | None:
-        path = self.dir / tag / f"rank{dist.get_rank():05d}.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+    def _mark_complete(self, tag: str, step: int, meta: dict) -> None:
+        fsync_dir(self.dir / tag)  # every rank's file names are durable before the marker
+        fault_point("ckpt_before_meta", step)
+        meta = {"step": step, "model_signature": self.signature, **meta}
+        atomic_write_text(self.dir / tag / META, json.dumps(meta, indent=1))
+        fault_point("ckpt_before_latest", step)
+        atomic_write_text(self.dir / "latest", tag)
+        self._prune(keep_tag=tag)
+
+    def close(self) -> None:
+        """Finish a save still in flight (collective), then stop the writer."""
+        if self.pending is not None:
+            self.writer.wait()
+            self.finish()
+        self.writer.close()
 
     def _prune(self, keep_tag: str) -> None:
         complete = self.complete_tags()
@@ -113,10 +213,25 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _maybe_fault(var: str, step: int) -> None:
-    """Fault injection for the kill-during-checkpoint test: SIGKILL this process mid-save at `step`."""
-    if os.environ.get(var) == str(step) and dist.get_rank() == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+def _universal_info() -> dict:
+    # ds_to_universal requires this key in the model-states file (Megatron-DeepSpeed writes it); with it
+    # any checkpoint can be converted when a resume finds another world size or ZeRO stage
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def _snapshot_rank_state(state: dict) -> dict:
+    from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+
+    return clone_tensors_for_torch_save(state, device=torch.device("cpu"))
+
+
+def _all_gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def export_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -126,4 +241,6 @@ def export_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    fsync_file(tmp)
+    tmp.replace(path)
+    fsync_dir(path.parent)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 
-def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None = None) -> dict:
+def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None = None,
+                    load_universal: bool = False) -> dict:
     """ZeRO stage, precision, clipping, accumulation, AdamW and warmup + cosine LR from `cfg`.
 
     Args:
@@ -11,6 +12,7 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None =
             included: their gradients are partial sums, see vgen/parallel/sequence.py).
         on_gpu: bf16 on GPU, fp32 on CPU.
         num_params: the model's parameter count; caps ZeRO's communication buckets.
+        load_universal: the resume loads a universal checkpoint (another world size, vgen/train/elastic.py).
     """
     # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) and ZeRO-2 allocates one every step:
     # for a model smaller than that, a bucket the size of the model does the same work without the cost
@@ -46,6 +48,7 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool, num_params: int | None =
                 "warmup_type": "linear",
             },
         },
+        "checkpoint": {"load_universal": bool(load_universal)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

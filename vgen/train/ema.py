@@ -7,6 +7,8 @@ fp32 and lives on the parameters' device. `gather_full` reassembles it on rank 0
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -50,6 +52,25 @@ class ShardedEMA:
         return True
 
     @torch.no_grad()
+    def load_resharded(self, states: list[dict]) -> None:
+        """Restore from the EMA shards of every rank of a run with another world size or ZeRO stage.
+
+        Args:
+            states: the old ranks' `state_dict()`s, in rank order.
+        """
+        for i, (name, p) in enumerate(self.named):
+            if name in self.shadow:
+                full = _full_from_shards(name, states, tuple(p.ds_shape if self.zero3 else p.shape))
+                self.shadow[name].copy_(self._own_part(p, full) if self.zero3 else full)
+
+    def _own_part(self, param, full: torch.Tensor) -> torch.Tensor:
+        # ZeRO-3 gives rank r the r-th equal slice of the flattened parameter, zero-padded at the end
+        size = param.ds_tensor.numel()
+        flat = torch.zeros(size * self.world, dtype=full.dtype)
+        flat[: full.numel()] = full.flatten()
+        return flat[self.rank * size:(self.rank + 1) * size].to(param.ds_tensor.device)
+
+    @torch.no_grad()
     def gather_full(self) -> dict[str, torch.Tensor] | None:
         """Full EMA weights on rank 0 (None elsewhere). A collective: every rank must call it."""
         out = {}
@@ -69,3 +90,13 @@ class ShardedEMA:
         parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, shard.contiguous())
         return torch.cat([t.flatten() for t in parts])[: param.ds_numel].view(param.ds_shape)
+
+
+def _full_from_shards(name: str, states: list[dict], shape: tuple) -> torch.Tensor:
+    """One parameter's full fp32 EMA from old ranks' shards (ZeRO-3: concatenated partitions; else: the
+    one rank that owned it)."""
+    if states[0]["zero3"]:
+        flat = torch.cat([s["shadow"][name].flatten() for s in states])
+        return flat[: math.prod(shape)].view(shape).float()
+    owner = next(s for s in states if name in s["shadow"])
+    return owner["shadow"][name].float().view(shape)

@@ -19,12 +19,23 @@ from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps,
 from vgen.models import build_dit, build_frozen_encoders
 
 
-def step_generator(seed: int, step: int, dp_rank: int, micro: int) -> torch.Generator:
-    """A generator for one micro-batch's timesteps, noise and caption dropout. Derived from its
-    position, not carried state, so a resumed run draws exactly what an uninterrupted one would, and
-    the ranks of one sequence-parallel group (same dp_rank) draw the same."""
-    digest = hashlib.sha256(f"{seed}:{step}:{dp_rank}:{micro}".encode()).digest()
+def sample_generator(seed: int, step: int, sample_id) -> torch.Generator:
+    """A generator for one sample's timestep, noise and caption dropout, keyed by the sample's stable id
+    and the step, not by (rank, micro-step): a run resumed on another number of ranks, or with another
+    micro-batch, draws for each sample exactly what the uninterrupted run drew, and the ranks of one
+    sequence-parallel group (same samples) draw the same."""
+    digest = hashlib.sha256(f"{seed}:{step}:{sample_id}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def sample_ids(batch: dict) -> list:
+    """Stable per-sample ids of a batch: the loader's `sample_id` (a slot of the global order) when it
+    gives one, else the shard key."""
+    return list(batch["sample_id"] if "sample_id" in batch else batch["key"])
+
+
+def per_sample_generators(seed: int, step: int, batch: dict) -> list[torch.Generator]:
+    return [sample_generator(seed, step, i) for i in sample_ids(batch)]
 
 
 class DiffusionTask:
@@ -67,8 +78,8 @@ class DiffusionTask:
 
     def loss(self, engine, batch, step: int, dp_rank: int, micro: int):
         """Flow-matching loss of one micro-batch; returns (loss, tokens per sample)."""
-        gen = step_generator(self.cfg.run.seed, step, dp_rank, micro)
-        drop = (torch.rand(len(batch["caption"]), generator=gen) < self.cfg.text.dropout).tolist()
+        gens = per_sample_generators(self.cfg.run.seed, step, batch)
+        drop = [bool(torch.rand(1, generator=g) < self.cfg.text.dropout) for g in gens]
         with torch.no_grad():
             x0, text, mask = self._latents_and_text(batch, drop)
         model = engine.module
@@ -76,8 +87,8 @@ class DiffusionTask:
         self.latent_shape = tuple(x0.shape[1:])
         d = self.cfg.diffusion
         shift = timestep_shift(T * H * W, d.shift_base_tokens, d.shift_max)
-        t = sample_timesteps(x0.shape[0], gen, shift, d.logit_mean, d.logit_std).to(self.device)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        t = torch.cat([sample_timesteps(1, g, shift, d.logit_mean, d.logit_std) for g in gens]).to(self.device)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
         xt = add_noise(x0, noise, t)
         pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device))
         if pred.dim() == 3:  # this rank's tokens only (parallel.sp.shard_loss): loss summed over the SP group
@@ -135,8 +146,8 @@ class VAETask:
         video = batch["video"].to(self.device)
         self._last_video = video[:4]  # reconstructed by sample(), without drawing from the loader
         C, T, H, W = engine.module.vae.latent_shape(*video.shape[-3:])
-        gen = step_generator(self.cfg.run.seed, step, dp_rank, micro)
-        eps = torch.randn((video.shape[0], C, T, H, W), generator=gen).to(self.device)
+        gens = per_sample_generators(self.cfg.run.seed, step, batch)
+        eps = torch.stack([torch.randn((C, T, H, W), generator=g) for g in gens]).to(self.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         recon, mean, logvar = engine(video.to(dtype), eps.to(dtype))
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()

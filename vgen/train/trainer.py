@@ -21,6 +21,8 @@ from vgen.parallel.parallelize import parallelize
 from vgen.train import setup
 from vgen.train.checkpoint import CheckpointManager, export_safetensors, rng_state, set_rng_state
 from vgen.train.ds_config import build_ds_config, start_lr_schedule
+from vgen.train.durable import fault_point
+from vgen.train.elastic import check_global_batch, needs_universal, prepare_universal, run_layout
 from vgen.train.ema import ShardedEMA
 from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
 from vgen.train.tasks import build_task
@@ -42,10 +44,16 @@ class Trainer:
 
             check_compatible(self.loader.meta, cfg)  # latents from another autoencoder/text setting
         model = self.task.build_model()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model))
-        self.resume_tag = self.ckpt.latest_complete()
+        background = cfg.checkpoint["async"] if cfg.checkpoint["async"] is not None else self.device.type == "cuda"
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.task.signature(model), background)
+        self.layout = run_layout(cfg, self.topo, self.loader)
+        self.resume_tag = self.ckpt.select_resume_tag(self._log)  # newest whose checksums pass
+        universal = False
         if self.resume_tag:
             self.ckpt.check_compatible(self.resume_tag)
+            saved = self.ckpt.read_meta(self.resume_tag)
+            check_global_batch(saved, self.layout, cfg, self.resume_tag)
+            universal = needs_universal(saved, self.layout)
         self._plan_memory(model)
         parallelize(model, cfg, self.topo)
         # pinned offload memory for the longest latent, before step 1 (a clear error if the host lacks it)
@@ -53,11 +61,12 @@ class Trainer:
         if self.device.type == "cpu":
             setup.disable_deepspeed_shm_allreduce()
         num_params = sum(p.numel() for p in model.parameters())
-        ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda", num_params)
+        ds_config = build_ds_config(cfg, self.topo.world_size, self.device.type == "cuda", num_params, universal)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.ckpt.use_snapshot_engine(self.engine)
         start_lr_schedule(self.engine.lr_scheduler)  # a resume then loads the saved schedule over it
         self.ema = ShardedEMA(self.engine.module, cfg.train.ema_decay)
-        self.step = self._resume() if self.resume_tag else 0
+        self.step = self._resume(universal) if self.resume_tag else 0
         self._write_run_files()
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_main, cfg.train.max_steps, self.step)
         self.stop_requested = False
@@ -86,17 +95,24 @@ class Trainer:
                                 log=self._log)
 
     # ---- resume and run files -------------------------------------------------------------------------
-    def _resume(self) -> int:
+    def _resume(self, universal: bool) -> int:
         tag = self.resume_tag
-        self.engine.load_checkpoint(str(self.ckpt.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = self.ckpt.load_rank_state(tag)
-        if state is None or state["world_size"] != self.topo.world_size:
-            self._log(f"checkpoint {tag} was written by another world size: data position and EMA restart")
-        else:
+        load_dir, load_tag = str(self.ckpt.dir), tag
+        if universal:  # saved by another world size or ZeRO stage (vgen/train/elastic.py)
+            load_dir, load_tag = prepare_universal(self.ckpt.dir / tag, self.cfg.train.collective_timeout_s, self._log)
+        self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        saved_world = self.ckpt.read_meta(tag).get("world_size")
+        state = self.ckpt.load_rank_state(tag) if saved_world == self.topo.world_size else None
+        if state is not None:
             self.loader.load_state_dict(state["data"])
             set_rng_state(state["rng"])
-            if not self.ema.load_state_dict(state["ema"]):
-                self._log("EMA sharding changed: EMA restarts from the current weights")
+        if state is None or not self.ema.load_state_dict(state["ema"]):
+            old = [self.ckpt.load_rank_state(tag, r) for r in range(saved_world)]
+            if state is None:  # the sample order is global: rank 0's position is every rank's
+                self.loader.load_state_dict(old[0]["data"])
+                set_rng_state(old[self.topo.rank % saved_world]["rng"])
+            self.ema.load_resharded([s["ema"] for s in old])
+            self._log(f"checkpoint {tag} came from world size {saved_world}: EMA re-sharded to {self.topo.world_size}")
         step = int(self.engine.global_steps)
         self._log(f"resumed from {self.ckpt.dir / tag} at step {step}")
         return step
@@ -120,23 +136,28 @@ class Trainer:
     def train_step(self) -> dict:
         step = self.step + 1
         start = time.perf_counter()
-        losses, tokens, self._samples = [], 0, 0
+        loss_sum, tokens, self._samples = torch.zeros(2, dtype=torch.float64, device=self.device), 0, 0
         for micro in range(self.cfg.train.grad_accum):
+            fault_point("data", step)
             batch = next(self.loader)
-            self._samples += len(batch["caption"])
             if self.cfg.data.record_keys:
                 record_keys(self.run_dir, dist.get_rank(), step, micro, batch)
             loss, tokens = self.task.loss(self.engine, batch, step, self.topo.dp_rank, micro)
             # SP ranks each hold partial-sum gradients and ZeRO averages over all ranks: scale back up
             self.engine.backward(loss * self.topo.sp_size)
+            fault_point("step", step)
             self.engine.step()
-            losses.append(loss.detach().float())
+            loss_sum[0] += loss.detach().double() * len(batch["caption"])
+            self._samples += len(batch["caption"])
         self.ema.update()
         self.step = step
-        loss = torch.stack(losses).mean()
-        dist.all_reduce(loss)  # every rank of an SP group holds the same loss, so the mean over all
-        loss = loss / self.topo.world_size  # ranks is the mean over data-parallel ranks
-        return self._record(step, loss.item(), time.perf_counter() - start, tokens)
+        # the logged loss is the mean over the global batch's samples, whatever their split over ranks and
+        # micro-steps (so runs with another dp size compare); SP ranks count their group's samples once each,
+        # which cancels in the ratio
+        loss_sum[1] = self._samples
+        dist.all_reduce(loss_sum)
+        return self._record(step, (loss_sum[0] / loss_sum[1]).item(), time.perf_counter() - start, tokens)
+
 
     def _record(self, step: int, loss: float, seconds: float, tokens: int) -> dict:
         samples = self._samples * self.topo.dp_size  # every rank of a step holds the same bucket and count
@@ -171,7 +192,9 @@ class Trainer:
             rec = self.train_step()
             if self.step % cfg.log.every_steps == 0 or self.step == stop_at:
                 self.metrics.log(rec)
-            preempted = self._agree(self.stop_requested)
+            preempted, saving = self._agree(self.stop_requested, self.ckpt.busy())
+            if self.ckpt.pending and not saving:  # an async save finished on every rank: mark it complete
+                self._log(f"checkpoint {self.ckpt.finish()} complete")
             if self._due(cfg.checkpoint.every_steps) or self.step == stop_at or preempted:
                 self.save()
             if cfg.sample.every_steps and self.step % cfg.sample.every_steps == 0:
@@ -179,15 +202,17 @@ class Trainer:
             if preempted:
                 self._log(f"stopping at step {self.step} on SIGTERM; re-run the same command to resume")
                 break
+        self.ckpt.close()  # waits for an async save in flight and marks it complete
         self.metrics.close()
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _agree(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag, true if true on any rank (one small all-reduce for all of them)."""
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def save(self) -> None:
         state = {
@@ -196,19 +221,25 @@ class Trainer:
             "rng": rng_state(),
             "ema": self.ema.state_dict(),
         }
-        tag = self.ckpt.save(self.engine, self.step, state)
-        self.export()
-        self._log(f"saved checkpoint {tag}")
+        tag = self.ckpt.save(self.engine, self.step, state, self.layout, self._export_job())
+        self._log(f"saved checkpoint {tag}" if not self.ckpt.writer.background else f"saving checkpoint {tag}")
 
-    def export(self) -> None:
-        """Inference weights as safetensors: RUN/export/model.safetensors (raw) and ema.safetensors."""
-        raw = self._gather_raw()
-        ema = self.ema.gather_full()
-        if self.is_main:
-            meta = {"step": str(self.step), "signature": str(self.ckpt.signature)}
+    def _export_job(self):
+        """Inference weights as safetensors: RUN/export/model.safetensors (raw) and ema.safetensors.
+
+        Gathers now (a collective); returns the write for the checkpoint writer (rank 0; None elsewhere).
+        """
+        raw, ema, step = self._gather_raw(), self.ema.gather_full(), self.step
+        if not self.is_main:
+            return None
+
+        def write() -> list:
+            fault_point("export", step)
+            meta = {"step": str(step), "signature": str(self.ckpt.signature)}
             export_safetensors(self.run_dir / "export" / "model.safetensors", self.task.export_weights(raw), meta)
             export_safetensors(self.run_dir / "export" / "ema.safetensors", self.task.export_weights(ema), meta)
-        dist.barrier()
+            return []
+        return write
 
     def _gather_raw(self) -> dict:
         module = self.engine.module
@@ -219,6 +250,7 @@ class Trainer:
 
     def sample_during_training(self) -> None:
         out = self.run_dir / "samples" / f"step{self.step:08d}"
+        fault_point("sample", self.step)
         self.task.sample(self.engine.module, out, write=self.is_main)
         self.engine.module.train()
         self._log(f"samples written to {out}")

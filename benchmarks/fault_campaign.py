@@ -1,0 +1,222 @@
+"""Fault campaign: kill a 2-rank `deepspeed` training run at seeded random moments, resume, compare losses.
+
+    python benchmarks/fault_campaign.py                      # 20 SIGKILL + 3 SIGTERM, writes the JSON below
+    python benchmarks/fault_campaign.py --kills 6 --terms 1 --out /tmp/fc.json    # a quick one
+
+Kill points are drawn with a seeded RNG from every phase of the run -- data loading, the step, each phase of
+a sync and of an async save (begin, snapshot, write, between files, after the files, before meta.json, before
+`latest`), the safetensors export, sampling during training -- on either rank (vgen.train.durable's fault
+points SIGKILL the process from inside, so the moment is exact); a few more are SIGKILLs of the whole job and
+SIGTERMs (preemption) after a seeded random delay. To keep the launches few, the points are strung into
+chains: one run directory per chain, each resume armed with the chain's next point (its step later than the
+previous point's, so it always fires).
+
+After every kill the campaign checks the run directory as a resume would see it: every checkpoint marked
+complete (meta.json) must pass its checksums, and `latest` must name one. After every resume it compares the
+losses that resume logged with the uninterrupted run's: bitwise. JSON: benchmarks/results/fault_campaign.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from e2e_utils import DEEPSPEED, TINY, children, demo_shards, env, free_port, losses  # noqa: E402
+
+# Note: a point can only fire if the run reaches it; "fired" in the JSON says whether it did.
+
+MAX_STEPS, EVERY, SAMPLE_EVERY = 10, 2, 4
+SAVE_PHASES = ["ckpt_begin", "ckpt_snapshot", "ckpt_write", "ckpt_write_mid", "ckpt_rank_files",
+               "ckpt_before_meta", "ckpt_before_latest", "export"]
+RANK0_ONLY = {"ckpt_before_meta", "ckpt_before_latest", "export"}  # rank 0 alone runs these
+STEP_PHASES = ["data", "step"]
+
+
+def common(shards: Path, run: Path, mode: str) -> list[str]:
+    return TINY + [f"data.path={shards}", f"run.dir={run}", f"train.max_steps={MAX_STEPS}",
+                   f"checkpoint.every_steps={EVERY}", f"checkpoint.async={'true' if mode == 'async' else 'false'}",
+                   f"sample.every_steps={SAMPLE_EVERY}", "sample.steps=2", "sample.prompts=[a red circle]",
+                   "train.collective_timeout_s=120"]
+
+
+def draw_points(rng: random.Random, kills: int, terms: int) -> list[dict]:
+    """The campaign's kill points: phase x mode x step x rank, plus timed SIGKILLs and SIGTERMs."""
+    pool = [{"kind": "point", "phase": p, "mode": m} for p in SAVE_PHASES for m in ("sync", "async")]
+    pool += [{"kind": "point", "phase": p, "mode": rng.choice(["sync", "async"])} for p in STEP_PHASES + ["sample"]]
+    rng.shuffle(pool)
+    timed = max(0, kills - len(pool))
+    points = pool[:kills] + [{"kind": "timed_kill", "mode": rng.choice(["sync", "async"])} for _ in range(timed)]
+    points += [{"kind": "sigterm", "mode": rng.choice(["sync", "async"])} for _ in range(terms)]
+    for p in points:
+        if p["kind"] == "point":
+            steps = {"sample": range(SAMPLE_EVERY, MAX_STEPS + 1, SAMPLE_EVERY)}.get(
+                p["phase"], range(EVERY, MAX_STEPS + 1, EVERY) if p["phase"] in SAVE_PHASES + ["export"] else range(1, MAX_STEPS + 1))
+            p["step"] = rng.choice(list(steps))
+            p["rank"] = 0 if p["phase"] in RANK0_ONLY else rng.choice([0, 1])
+        else:
+            p["delay_s"] = round(rng.uniform(2.0, 12.0), 2)  # after the first logged step
+    return points
+
+
+def chains(points: list[dict], per_chain: int) -> list[list[dict]]:
+    """Group points of one mode into chains whose fault steps increase (timed ones go anywhere)."""
+    out = []
+    for mode in ("sync", "async"):
+        mine = [p for p in points if p["mode"] == mode]
+        fixed = sorted((p for p in mine if p["kind"] == "point"), key=lambda p: p["step"])
+        timed = [p for p in mine if p["kind"] != "point"]
+        while fixed or timed:
+            chain, last = [], 0
+            for p in list(fixed):
+                if p["step"] > last and len(chain) < per_chain:
+                    chain.append(p)
+                    fixed.remove(p)
+                    last = p["step"]
+            while timed and len(chain) < per_chain + 1:
+                chain.append(timed.pop())  # last: a SIGTERM may save a late step, and later points must still fire
+            out.append(chain)
+    return out
+
+
+def launch(args: list[str], fault: dict | None, log: Path) -> tuple[int, str]:
+    """Run the 2-rank job once with `fault` armed; returns (exit status, output)."""
+    e = env()
+    if fault and fault["kind"] == "point":
+        e["VGEN_FAULT"] = f"{fault['phase']}:{fault['step']}:{fault['rank']}"
+    cmd = [DEEPSPEED, "--num_gpus=2", f"--master_port={free_port()}", str(ROOT / "launch" / "train.py")] + args
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if fault and fault["kind"] != "point":
+            _signal_later(proc, log, fault)
+        try:
+            proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
+def _signal_later(proc: subprocess.Popen, log: Path, fault: dict) -> None:
+    while proc.poll() is None and "step 1/" not in log.read_text():
+        time.sleep(0.2)
+    time.sleep(fault["delay_s"])
+    ranks = [p for p in children(proc.pid) if "launch/train.py" in _cmdline(p) and "--local_rank" in _cmdline(p)]
+    if fault["kind"] == "timed_kill":  # the whole job at once, as a lost node would
+        for pid in [proc.pid] + children(proc.pid):
+            _send(pid, signal.SIGKILL)
+    else:  # preemption: the scheduler signals every rank
+        for pid in ranks:
+            _send(pid, signal.SIGTERM)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _send(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def read_losses(run: Path) -> dict[int, float]:
+    """metrics.jsonl's losses; a line torn by the kill is skipped (the next resume rewrites the file)."""
+    path, out = run / "metrics.jsonl", {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def audit(run: Path) -> dict:
+    """What a resume would find: complete checkpoints, which of them fail checksums, what `latest` names."""
+    from vgen.train.durable import find_bad_file
+
+    ckpt = run / "checkpoints"
+    complete = sorted(p.name for p in ckpt.glob("step*") if (p / "meta.json").is_file()) if ckpt.is_dir() else []
+    corrupt = [t for t in complete if find_bad_file(ckpt / t, json.loads((ckpt / t / "meta.json").read_text())["files"])]
+    latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
+    return {"complete": complete, "corrupt_complete": corrupt, "latest": latest,
+            "latest_ok": latest is None or (latest in complete and latest not in corrupt),
+            "incomplete": sorted(p.name for p in ckpt.glob("step*") if not (p / "meta.json").is_file()) if ckpt.is_dir() else []}
+
+
+def run_chain(i: int, chain: list[dict], shards: Path, work: Path, reference: dict) -> list[dict]:
+    mode = chain[0]["mode"]
+    run = work / f"chain{i:02d}"
+    records = []
+    for j, fault in enumerate(chain + [None]):
+        code, out = launch(common(shards, run, mode), fault, work / f"chain{i:02d}_{j}.log")
+        resumed = next((line.split("resumed from ")[1] for line in out.splitlines() if "resumed from " in line), None)
+        now = read_losses(run)  # the resume truncated what came after its checkpoint: all of it must match
+        mismatched = [s for s, v in now.items() if reference.get(s) != v]
+        rec = {"fault": fault, "exit": code, "fired": code != 0 or (fault or {}).get("kind") == "sigterm",
+               "resumed_from": resumed, "steps_logged": sorted(now), "loss_mismatches": mismatched, "after": audit(run)}
+        if records:
+            records[-1]["resume"] = {"resumed_from": resumed, "loss_mismatches": mismatched, "exit": code}
+        if fault is not None:
+            records.append(rec)
+        print(f"chain {i} [{mode}] {fault} -> exit {code}, resumed from {resumed}, mismatches {mismatched}, "
+              f"audit {rec['after']}", flush=True)
+    final = read_losses(run)
+    for r in records:
+        r["final_curve_bitwise"] = final == reference
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--terms", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-chain", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_campaign.json"))
+    args = p.parse_args()
+    points = draw_points(random.Random(args.seed), args.kills, args.terms)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="vgen-fault-") as tmp:
+        work = Path(tmp)
+        shards = demo_shards(work / "shards")
+        code, out = launch(common(shards, work / "reference", "sync"), None, work / "reference.log")
+        assert code == 0, out[-3000:]
+        reference = losses(work / "reference")
+        records = [r for i, c in enumerate(chains(points, args.per_chain)) for r in run_chain(i, c, shards, work, reference)]
+    ok = [r for r in records if r["final_curve_bitwise"] and not r["after"]["corrupt_complete"] and r["after"]["latest_ok"]
+          and not r.get("resume", {}).get("loss_mismatches")]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    summary = {"sigkill_points": sum(r["fault"]["kind"] != "sigterm" for r in records),
+               "sigterm_points": sum(r["fault"]["kind"] == "sigterm" for r in records),
+               "resumed_bitwise": len(ok), "total": len(records),
+               "corrupt_or_incomplete_selected": sum(bool(r["after"]["corrupt_complete"]) or not r["after"]["latest_ok"] for r in records),
+               "wall_s": round(time.time() - start, 1)}
+    result = {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)", "command": " ".join([sys.executable] + sys.argv),
+              "commit": commit, "settings": {**vars(args), "max_steps": MAX_STEPS, "checkpoint_every": EVERY,
+                                             "sample_every": SAMPLE_EVERY, "ranks": 2, "launcher": "deepspeed"},
+              "summary": summary, "reference_losses": reference, "kills": records}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary), "->", args.out)
+
+
+if __name__ == "__main__":
+    main()
