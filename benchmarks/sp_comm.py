@@ -301,7 +301,7 @@ def _plot(results, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     labels = [f"{r['frames']}x{r['hw'][0]}x{r['hw'][1]}\nsp={r['degree']}" for r in results]
-    metrics = [("fwd_bytes", "forward KB per block per rank", 1024), ("attention_flops", "attention GFLOP per block (fwd+bwd)", 1e9),
+    metrics = [("fwd_bytes", "forward KB per block per rank", 1024), ("block_flops", "GFLOP per block (fwd+bwd), rank 0", 1e9),
                ("peak_bytes", "peak MB, block fwd+bwd per rank", 2**20)]
     width = 0.2
     for ax, (key, title, unit) in zip(axes, metrics):
