@@ -37,6 +37,7 @@ def test_mlp_chunks_under_zero3_match_no_chunking(tmp_path):
             assert result[name]["vs_unchunked"] <= 1e-6, (rank, name, result[name])
             assert result[name]["vs_single_process"] <= 1e-5, (rank, name, result[name])
             assert result[name]["mlp_grad_norm"] > 0
+            assert result[name]["chunked_backwards"] == result[name]["blocks"]  # every block's MLP ran chunked
 
 
 def _worker(out_dir: Path) -> None:
@@ -51,6 +52,16 @@ def _worker(out_dir: Path) -> None:
     from vgen.parallel.checkpointing import apply_memory_policy
     from vgen.train.setup import disable_deepspeed_shm_allreduce
 
+    from vgen.parallel import mlp_chunks
+
+    backward = mlp_chunks.ChunkedMLP.backward
+    calls = []
+
+    def counted(ctx, grad):  # proves the chunked path ran (not the plain call) in each chunked step
+        calls.append(1)
+        return backward(ctx, grad)
+
+    mlp_chunks.ChunkedMLP.backward = staticmethod(counted)
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     disable_deepspeed_shm_allreduce()
@@ -75,13 +86,17 @@ def _worker(out_dir: Path) -> None:
     result = {"partitioned": True}
     for name, settings in POLICIES.items():
         plain, partitioned = zero3_grads(settings)
+        calls.clear()
         chunked, partitioned_too = zero3_grads(dict(settings, mlp_chunks=CHUNKS))
+        chunked_backwards = len(calls)
         result["partitioned"] &= partitioned and partitioned_too
         nonzero = [n for n, g in single.items() if g.abs().sum() > 0]
         result[name] = {
             "vs_unchunked": max(rel_err(chunked[n], plain[n]) for n in nonzero),
             "vs_single_process": max(rel_err(chunked[n], single[n]) for n in nonzero),
             "mlp_grad_norm": float(sum(chunked[n].norm() for n in nonzero if ".mlp." in n)),
+            "chunked_backwards": chunked_backwards,
+            "blocks": len(tiny_model().blocks),
         }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     print(f"rank {rank}: {json.dumps(result)}", flush=True)
