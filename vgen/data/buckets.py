@@ -50,7 +50,7 @@ def _positive_int(value) -> bool:
 
 def buckets_from_config(data_cfg) -> list[Bucket]:
     """The run's buckets, checked. Raises BucketError naming the bad entry and field."""
-    entries = list(data_cfg.get("buckets") or [])
+    entries = list(getattr(data_cfg, "buckets", None) or [])
     if not entries:
         mb = data_cfg.micro_batch
         if not (_positive_int(mb) or mb == "auto"):

@@ -182,10 +182,11 @@ def prepare_output(cfg, settings: EncodeSettings, autoencoder, text_encoder) -> 
         try:
             shape = autoencoder.latent_shape(b.frames, b.height, b.width)
         except ValueError as e:
-            what = "data.buckets " + b.name if cfg.data.get("buckets") else "data.num_frames/height/width=" + \
-                f"{b.frames}/{b.height}/{b.width}"
+            what = (f"data.buckets {b.name}" if getattr(cfg.data, "buckets", None)
+                    else f"data.num_frames/height/width={b.frames}/{b.height}/{b.width}")
             raise ConfigError(f"{what} do not suit autoencoder.kind={cfg.autoencoder.kind}: {e}") from e
-        entries.append({"frames": b.frames, "height": b.height, "width": b.width, "latent_shape": [int(s) for s in shape]})
+        entries.append({"frames": b.frames, "height": b.height, "width": b.width,
+                        "latent_shape": [int(s) for s in shape]})
     first = entries[0]  # "clip" and "latent_shape" keep the one-shape layout readable by older code
     clip = {"num_frames": first["frames"], "height": first["height"], "width": first["width"],
             "frame_stride": int(cfg.data.frame_stride), "start": CLIP_START}

@@ -282,7 +282,7 @@ def latent_buckets(data_cfg, meta: dict) -> tuple[list[Bucket], list[dict], Samp
     encoded = meta.get("buckets") or [{**{k: meta["clip"][k] for k in ("height", "width")},
                                       "frames": meta["clip"]["num_frames"], "latent_shape": meta["latent_shape"]}]
     shapes = {(e["frames"], e["height"], e["width"]): e["latent_shape"] for e in encoded}
-    if data_cfg.get("buckets"):
+    if getattr(data_cfg, "buckets", None):
         buckets = buckets_from_config(data_cfg)
     else:
         buckets = [Bucket(e["height"], e["width"], e["frames"], data_cfg.micro_batch) for e in encoded]
@@ -336,7 +336,7 @@ def build_loader(data_cfg, dp_rank: int, dp_size: int, seed: int, prefetch: int 
         log(f"data: {len(index)} samples, buckets per epoch {hist}, global batch per bucket "
             f"{dict(zip((b.name for b in buckets), global_batch))}")
     maker = _BatchMaker(index, order, buckets, clips, data_cfg.kind, dp_rank, dp_size, grad_accum, seed, path,
-                        make_decoder(int(data_cfg.get("workers", 0) or 0)))
+                        make_decoder(int(getattr(data_cfg, "workers", 0) or 0)))
     if meta is not None:
         return LatentLoader(maker, meta, read_null_text(path), prefetch=prefetch, histogram=hist)
     return ShardLoader(maker, prefetch=prefetch, histogram=hist)

@@ -65,7 +65,8 @@ def _worker_main(conn, crash_on: str | None) -> None:
 class _Worker:
     def __init__(self, ctx):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, os.environ.get("VGEN_FAULT_CRASH_DECODE")), daemon=True, name="vgen-decode")
+        crash_on = os.environ.get("VGEN_FAULT_CRASH_DECODE")
+        self.process = ctx.Process(target=_worker_main, args=(child, crash_on), daemon=True, name="vgen-decode")
         self.process.start()
         child.close()
         self.task: int | None = None  # position of the task in flight
