@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -67,27 +68,28 @@ def draw_points(rng: random.Random, kills: int, terms: int) -> list[dict]:
             p["step"] = rng.choice(list(steps))
             p["rank"] = 0 if p["phase"] in RANK0_ONLY else rng.choice([0, 1])
         else:
-            p["delay_s"] = round(rng.uniform(2.0, 12.0), 2)  # after the first logged step
+            p["delay_s"] = round(rng.uniform(0.5, 4.0), 2)  # after the segment's first logged step
     return points
 
 
 def chains(points: list[dict], per_chain: int) -> list[list[dict]]:
-    """Group points of one mode into chains whose fault steps increase (timed ones go anywhere)."""
+    """Group points of one mode into chains whose fault steps increase; the timed ones of a mode form a
+    chain of their own (a SIGTERM saves wherever it lands, which would skip a later point's step)."""
     out = []
     for mode in ("sync", "async"):
         mine = [p for p in points if p["mode"] == mode]
         fixed = sorted((p for p in mine if p["kind"] == "point"), key=lambda p: p["step"])
         timed = [p for p in mine if p["kind"] != "point"]
-        while fixed or timed:
+        while fixed:
             chain, last = [], 0
             for p in list(fixed):
                 if p["step"] > last and len(chain) < per_chain:
                     chain.append(p)
                     fixed.remove(p)
                     last = p["step"]
-            while timed and len(chain) < per_chain + 1:
-                chain.append(timed.pop())  # last: a SIGTERM may save a late step, and later points must still fire
             out.append(chain)
+        if timed:
+            out.append(timed)
     return out
 
 
@@ -110,7 +112,7 @@ def launch(args: list[str], fault: dict | None, log: Path) -> tuple[int, str]:
 
 
 def _signal_later(proc: subprocess.Popen, log: Path, fault: dict) -> None:
-    while proc.poll() is None and "step 1/" not in log.read_text():
+    while proc.poll() is None and not re.search(r"step \d+/", log.read_text()):
         time.sleep(0.2)
     time.sleep(fault["delay_s"])
     ranks = [p for p in children(proc.pid) if "launch/train.py" in _cmdline(p) and "--local_rank" in _cmdline(p)]
@@ -170,7 +172,8 @@ def run_chain(i: int, chain: list[dict], shards: Path, work: Path, reference: di
         resumed = next((line.split("resumed from ")[1] for line in out.splitlines() if "resumed from " in line), None)
         now = read_losses(run)  # the resume truncated what came after its checkpoint: all of it must match
         mismatched = [s for s, v in now.items() if reference.get(s) != v]
-        rec = {"fault": fault, "exit": code, "fired": code != 0 or (fault or {}).get("kind") == "sigterm",
+        fired = "on SIGTERM" in out if (fault or {}).get("kind") == "sigterm" else code != 0
+        rec = {"fault": fault, "exit": code, "fired": fired,
                "resumed_from": resumed, "steps_logged": sorted(now), "loss_mismatches": mismatched, "after": audit(run)}
         if records:
             records[-1]["resume"] = {"resumed_from": resumed, "loss_mismatches": mismatched, "exit": code}
