@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +194,7 @@ def main() -> None:
     p.add_argument("--terms", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-chain", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2, help="chains run at the same time")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_campaign.json"))
     args = p.parse_args()
     points = draw_points(random.Random(args.seed), args.kills, args.terms)
@@ -203,13 +205,25 @@ def main() -> None:
         code, out = launch(common(shards, work / "reference", "sync"), None, work / "reference.log")
         assert code == 0, out[-3000:]
         reference = losses(work / "reference")
-        records = [r for i, c in enumerate(chains(points, args.per_chain)) for r in run_chain(i, c, shards, work, reference)]
+        todo = chains(points, args.per_chain)
+        done: list[list[dict]] = []
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_chain, i, c, shards, work, reference) for i, c in enumerate(todo)]
+            for f in as_completed(futures):
+                done.append(f.result())
+                write(args, start, reference, [r for rs in done for r in rs], len(todo) - len(done))
+        records = [r for rs in done for r in rs]
+    write(args, start, reference, records, 0)
+
+
+def write(args, start: float, reference: dict, records: list[dict], chains_left: int) -> None:
+    """The JSON, rewritten after every chain (a campaign cut short still leaves what it measured)."""
     ok = [r for r in records if r["final_curve_bitwise"] and not r["after"]["corrupt_complete"] and r["after"]["latest_ok"]
           and not r.get("resume", {}).get("loss_mismatches")]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    summary = {"sigkill_points": sum(r["fault"]["kind"] != "sigterm" for r in records),
+    summary = {"chains_left": chains_left, "sigkill_points": sum(r["fault"]["kind"] != "sigterm" for r in records),
                "sigterm_points": sum(r["fault"]["kind"] == "sigterm" for r in records),
-               "resumed_bitwise": len(ok), "total": len(records),
+               "fired": sum(bool(r["fired"]) for r in records), "resumed_bitwise": len(ok), "total": len(records),
                "corrupt_or_incomplete_selected": sum(bool(r["after"]["corrupt_complete"]) or not r["after"]["latest_ok"] for r in records),
                "wall_s": round(time.time() - start, 1)}
     result = {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)", "command": " ".join([sys.executable] + sys.argv),
