@@ -77,8 +77,32 @@ def run_mode(args, mode: str, workdir: Path, shards: Path) -> dict:
             "num_params": num_params, "checkpoint_dir_bytes": ckpt_bytes}
 
 
+def plot(result: dict, png: Path) -> None:
+    """Per-iteration time of both runs, iterations overlapping a save marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for mode, color in (("sync", "tab:red"), ("async", "tab:blue")):
+        r = result["results"][mode]
+        steps = range(1, len(r["iteration_s"]) + 1)
+        ax.plot(steps, r["iteration_s"], color=color, label=f"{mode}: ratio {r['ratio']:.2f}")
+        ax.scatter([s for s, o in zip(steps, r["overlaps_save"]) if o],
+                   [t for t, o in zip(r["iteration_s"], r["overlaps_save"]) if o], color=color, s=14)
+    ax.set_xlabel("iteration (dots: overlapping a save)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{result['results']['sync']['num_params'] / 1e6:.0f}M-parameter DiT, 1 CPU rank, save every "
+                 f"{result['settings']['every']} steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plot", help="only draw the PNG of an existing results JSON")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -87,6 +111,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "async_checkpoint_cpu.json"))
     args = p.parse_args()
+    if args.plot:
+        return plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -103,6 +129,7 @@ def main() -> None:
            "summary": {r["mode"]: round(r["ratio"], 3) for r in results}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(out, Path(args.out).with_suffix(".png"))
     print(json.dumps(out["summary"]), "->", args.out)
 
 

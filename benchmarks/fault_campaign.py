@@ -23,11 +23,13 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,27 +69,28 @@ def draw_points(rng: random.Random, kills: int, terms: int) -> list[dict]:
             p["step"] = rng.choice(list(steps))
             p["rank"] = 0 if p["phase"] in RANK0_ONLY else rng.choice([0, 1])
         else:
-            p["delay_s"] = round(rng.uniform(2.0, 12.0), 2)  # after the first logged step
+            p["delay_s"] = round(rng.uniform(0.5, 4.0), 2)  # after the segment's first logged step
     return points
 
 
 def chains(points: list[dict], per_chain: int) -> list[list[dict]]:
-    """Group points of one mode into chains whose fault steps increase (timed ones go anywhere)."""
+    """Group points of one mode into chains whose fault steps increase; the timed ones of a mode form a
+    chain of their own (a SIGTERM saves wherever it lands, which would skip a later point's step)."""
     out = []
     for mode in ("sync", "async"):
         mine = [p for p in points if p["mode"] == mode]
         fixed = sorted((p for p in mine if p["kind"] == "point"), key=lambda p: p["step"])
         timed = [p for p in mine if p["kind"] != "point"]
-        while fixed or timed:
+        while fixed:
             chain, last = [], 0
             for p in list(fixed):
                 if p["step"] > last and len(chain) < per_chain:
                     chain.append(p)
                     fixed.remove(p)
                     last = p["step"]
-            while timed and len(chain) < per_chain + 1:
-                chain.append(timed.pop())  # last: a SIGTERM may save a late step, and later points must still fire
             out.append(chain)
+        if timed:
+            out.append(timed)
     return out
 
 
@@ -110,7 +113,7 @@ def launch(args: list[str], fault: dict | None, log: Path) -> tuple[int, str]:
 
 
 def _signal_later(proc: subprocess.Popen, log: Path, fault: dict) -> None:
-    while proc.poll() is None and "step 1/" not in log.read_text():
+    while proc.poll() is None and not re.search(r"step \d+/", log.read_text()):
         time.sleep(0.2)
     time.sleep(fault["delay_s"])
     ranks = [p for p in children(proc.pid) if "launch/train.py" in _cmdline(p) and "--local_rank" in _cmdline(p)]
@@ -170,7 +173,8 @@ def run_chain(i: int, chain: list[dict], shards: Path, work: Path, reference: di
         resumed = next((line.split("resumed from ")[1] for line in out.splitlines() if "resumed from " in line), None)
         now = read_losses(run)  # the resume truncated what came after its checkpoint: all of it must match
         mismatched = [s for s, v in now.items() if reference.get(s) != v]
-        rec = {"fault": fault, "exit": code, "fired": code != 0 or (fault or {}).get("kind") == "sigterm",
+        fired = "on SIGTERM" in out if (fault or {}).get("kind") == "sigterm" else code != 0
+        rec = {"fault": fault, "exit": code, "fired": fired,
                "resumed_from": resumed, "steps_logged": sorted(now), "loss_mismatches": mismatched, "after": audit(run)}
         if records:
             records[-1]["resume"] = {"resumed_from": resumed, "loss_mismatches": mismatched, "exit": code}
@@ -190,6 +194,7 @@ def main() -> None:
     p.add_argument("--terms", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-chain", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2, help="chains run at the same time")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_campaign.json"))
     args = p.parse_args()
     points = draw_points(random.Random(args.seed), args.kills, args.terms)
@@ -200,13 +205,25 @@ def main() -> None:
         code, out = launch(common(shards, work / "reference", "sync"), None, work / "reference.log")
         assert code == 0, out[-3000:]
         reference = losses(work / "reference")
-        records = [r for i, c in enumerate(chains(points, args.per_chain)) for r in run_chain(i, c, shards, work, reference)]
+        todo = chains(points, args.per_chain)
+        done: list[list[dict]] = []
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_chain, i, c, shards, work, reference) for i, c in enumerate(todo)]
+            for f in as_completed(futures):
+                done.append(f.result())
+                write(args, start, reference, [r for rs in done for r in rs], len(todo) - len(done))
+        records = [r for rs in done for r in rs]
+    write(args, start, reference, records, 0)
+
+
+def write(args, start: float, reference: dict, records: list[dict], chains_left: int) -> None:
+    """The JSON, rewritten after every chain (a campaign cut short still leaves what it measured)."""
     ok = [r for r in records if r["final_curve_bitwise"] and not r["after"]["corrupt_complete"] and r["after"]["latest_ok"]
           and not r.get("resume", {}).get("loss_mismatches")]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    summary = {"sigkill_points": sum(r["fault"]["kind"] != "sigterm" for r in records),
+    summary = {"chains_left": chains_left, "sigkill_points": sum(r["fault"]["kind"] != "sigterm" for r in records),
                "sigterm_points": sum(r["fault"]["kind"] == "sigterm" for r in records),
-               "resumed_bitwise": len(ok), "total": len(records),
+               "fired": sum(bool(r["fired"]) for r in records), "resumed_bitwise": len(ok), "total": len(records),
                "corrupt_or_incomplete_selected": sum(bool(r["after"]["corrupt_complete"]) or not r["after"]["latest_ok"] for r in records),
                "wall_s": round(time.time() - start, 1)}
     result = {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)", "command": " ".join([sys.executable] + sys.argv),
