@@ -105,10 +105,12 @@ def _expected(case: dict, elems: int, rank: int) -> dict[str, int]:
         return {f"{k}/{d}": per for k in ("spatial", "temporal") for d in ("fwd", "bwd")}
     u = u if mode == "hybrid" else 1
     r = n // u
-    a2a = 4 * act * (u - 1) // u
-    fwd = DEPTH * (a2a + 2 * act * (r - 1))  # K/V pass r - 1 hops
-    bwd = DEPTH * (a2a + 2 * act * (r - 1) + 2 * act * r)  # K/V again, and dK/dV a full turn
-    return {f"{k}/{d}": v for k in ("spatial", "temporal") for d, v in (("fwd", fwd), ("bwd", bwd))}
+    a2a = DEPTH * 4 * act * (u - 1) // u
+    # ring over whole-frame chunks (EVEN): spatial K/V stay home; temporal K/V go to the r - 1 other chunks,
+    # twice (forward, backward), and each partial dK/dV goes straight back to its owner
+    kv = DEPTH * 2 * act * (r - 1)
+    volumes = {"spatial/fwd": a2a, "spatial/bwd": a2a, "temporal/fwd": a2a + kv, "temporal/bwd": a2a + 2 * kv}
+    return {k: v for k, v in volumes.items() if v}
 
 
 def _plain(r) -> bool:
@@ -123,6 +125,8 @@ def test_bytes_match_formulas(results):
         case = r["case"]
         if not _plain(r):
             continue
+        if case["mode"] in ("ring", "hybrid") and (case["frames"], tuple(case["hw"])) != EVEN:
+            continue  # ring/hybrid at every layout, token by token: tests/test_sp_ring.py::test_bytes_are_minimal
         sent = {k: v for k, v in r["bytes"].items() if not k.startswith("seq_out")}
         assert sent == _expected(case, r["local_elems"], r["rank"]), _label(case)
         if case["mode"] in ("ulysses", "switch"):  # ring's P2P transfers are not all-to-alls
