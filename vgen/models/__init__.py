@@ -14,6 +14,8 @@ def build_dit(model_cfg, in_channels: int, text_dim: int) -> VideoDiT:
         mlp_ratio=model_cfg.mlp_ratio,
         patch=model_cfg.patch,
         attention=model_cfg.attention,
+        abs_pos=getattr(model_cfg, "abs_pos", None),
+        cond_channels=1 if getattr(model_cfg, "i2v", False) else None,
         in_channels=in_channels,
         text_dim=text_dim,
     )
