@@ -17,6 +17,7 @@ from torch import nn
 
 from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift
 from vgen.models import build_dit, build_frozen_encoders
+from vgen.train.i2v import condition_batch, draw_given
 
 
 def step_generator(seed: int, step: int, dp_rank: int, micro: int) -> torch.Generator:
@@ -76,8 +77,13 @@ class DiffusionTask:
         t = sample_timesteps(x0.shape[0], gen, shift, d.logit_mean, d.logit_std).to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         xt = add_noise(x0, noise, t)
-        pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device))
-        return flow_matching_loss(pred, x0, noise), T * H * W
+        frame_mask = None
+        if model.cfg.cond_channels:  # image-to-video: some samples get their first frame(s), scored on the rest
+            given = draw_given(x0.shape[0], gen, self.cfg.train.i2v_prob, self.cfg.train.i2v_frames)
+            xt, frame_mask = condition_batch(xt, x0, given)
+        pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device), frame_mask=frame_mask)
+        weight = None if frame_mask is None else 1.0 - frame_mask
+        return flow_matching_loss(pred, x0, noise, weight=weight), T * H * W
 
     def flops_per_sample(self, model) -> float:
         return model.flops_per_sample(self.latent_shape, self.cfg.text.max_length)
