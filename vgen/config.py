@@ -63,6 +63,8 @@ class TextConfig:
     max_length: int = 32
     # probability of replacing a caption by the empty prompt (classifier-free guidance)
     dropout: float = 0.1
+    # encoder hidden states given to the DiT, concatenated along features (-1: the last layer)
+    layers: List[int] = field(default_factory=lambda: [-1])
 
 
 @dataclass

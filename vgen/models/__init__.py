@@ -33,7 +33,8 @@ def build_frozen_encoders(cfg, device):
     from vgen.models.autoencoder import build_autoencoder
     from vgen.models.text_encoder import TextEncoder
 
-    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
+    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device,
+                               layers=tuple(getattr(cfg.text, "layers", None) or (-1,)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         autoencoder = build_autoencoder(cfg.autoencoder)
