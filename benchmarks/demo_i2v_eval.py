@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-try:
-    import vgen  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's vgen, also when another copy is installed (as launch/*.py do)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_eval import _git_commit, evaluate  # noqa: E402

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-try:
-    import vgen  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's vgen, also when another copy is installed (as launch/*.py do)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vgen.data.demo import DIRECTIONS, caption, parse_prompt  # noqa: E402
 from vgen.diffusion.flow import add_noise  # noqa: E402
