@@ -187,7 +187,7 @@ def i2v_run(random_run, tmp_path_factory):
     (out / "config.yaml").write_text((random_run / "config.yaml").read_text().replace("  i2v: false", "  i2v: true", 1))
     weights = load_file(str(random_run / "export" / "model.safetensors"))
     hidden = weights["patch_embed.weight"].shape[0]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1)  # a mask input that matters (training leaves it ~0 after 2 steps)
     weights["cond_embed.weight"], weights["cond_embed.bias"] = torch.randn(hidden, 4, generator=g), torch.zeros(hidden)
     (out / "export").mkdir()
     for name in ("model.safetensors", "ema.safetensors"):
@@ -198,6 +198,7 @@ def i2v_run(random_run, tmp_path_factory):
 def test_image_to_video_from_png_and_from_video(i2v_run, random_run, tmp_path):
     import numpy as np
     from PIL import Image
+    from safetensors.torch import load_file, save_file
 
     from vgen.data.video import read_video_file, write_mp4
 
@@ -214,7 +215,13 @@ def test_image_to_video_from_png_and_from_video(i2v_run, random_run, tmp_path):
             first = read_video_file(out / f"{i:03d}.mp4")[0].int()
             assert (first - torch.from_numpy(image).int()).abs().float().mean() < 2.0, source
         assert (out / "contact_sheet.png").is_file()
-    proc = sample_cli([f"run.dir={random_run}", f"sample.image={tmp_path / 'first.png'}", f"sample.out_dir={tmp_path / 'x'}"])
+    t2v_run = tmp_path / "t2v_run"  # the same run as a text-to-video model: no mask input
+    shutil.copytree(i2v_run, t2v_run)
+    (t2v_run / "config.yaml").write_text((i2v_run / "config.yaml").read_text().replace("  i2v: true", "  i2v: false", 1))
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(str(t2v_run / "export" / name))
+        save_file({k: v for k, v in weights.items() if not k.startswith("cond_embed.")}, str(t2v_run / "export" / name))
+    proc = sample_cli([f"run.dir={t2v_run}", f"sample.image={tmp_path / 'first.png'}", f"sample.out_dir={tmp_path / 'x'}"])
     assert proc.returncode == 2 and "model.i2v" in proc.stderr and "Traceback" not in proc.stderr
     proc = sample_cli([f"run.dir={i2v_run}", f"sample.image={tmp_path / 'missing.png'}", f"sample.out_dir={tmp_path / 'y'}"])
     assert proc.returncode == 2 and "sample.image" in proc.stderr and "Traceback" not in proc.stderr
