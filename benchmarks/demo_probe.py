@@ -90,6 +90,25 @@ def direction_attention_share(model, text_encoder, captions) -> list[float]:
     return shares, originals, position
 
 
+def _red_centroid_x(video: torch.Tensor) -> list[float]:
+    """Per frame, the x centroid of the red excess R - (G + B) / 2 of a (3, T, H, W) video in [-1, 1]."""
+    w = (video[0] - 0.5 * (video[1] + video[2])).clamp(min=0)  # (T, H, W)
+    xs = torch.arange(w.shape[-1], dtype=w.dtype)
+    return ((w.sum(1) * xs).sum(-1) / w.sum((1, 2)).clamp(min=1e-6)).tolist()
+
+
+@torch.no_grad()
+def mean_prediction_track(model, text_encoder, autoencoder, shape, data_clips, t: float = 0.95, draws: int = 64) -> dict:
+    """Where the model's mean x0 prediction from noise puts a red shape "moving left", frame by frame,
+    beside where the data's mean puts it: the ideal prediction at high t is E[x0 | caption]."""
+    text, mask = text_encoder(["a red circle moving left"] * draws)
+    noise = torch.randn((draws, *shape), generator=torch.Generator().manual_seed(0))
+    tt = torch.full((draws,), t)
+    x0_hat = noise - model(noise, tt, text, mask)  # x_t ~ noise at high t, x0 = x_t - t v ~ noise - v
+    return {"t": t, "model_x": _red_centroid_x(autoencoder.decode(x0_hat).mean(0)),
+            "data_x": _red_centroid_x(data_clips.mean(0))}
+
+
 @torch.no_grad()
 def probe(model, text_encoder, x0, captions, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
@@ -142,6 +161,9 @@ def main(argv=None) -> dict:
         captions.append(caption(c, s, di))
     x0 = autoencoder.encode(torch.stack(videos))
     result = probe(model, text_encoder, x0, captions)
+    left = torch.stack([torch.from_numpy(np.asarray(render_clip("red", "circle", "left", d.num_frames, d.height, d.width, rng)[0]))
+                        .permute(3, 0, 1, 2).float() / 127.5 - 1 for _ in range(256)])
+    result["mean_prediction_left"] = mean_prediction_track(model, text_encoder, autoencoder, tuple(x0.shape[1:]), left)
     print(json.dumps({k: v for k, v in result.items()}, indent=None, default=lambda x: round(x, 4))[:3000])
     if args.out:
         Path(args.out).write_text(json.dumps({"run": args.run, **result}, indent=1))

@@ -54,8 +54,10 @@ def test_condition_input_starts_as_text_to_video():
     fm = given_mask(x.shape, torch.tensor([1, 1]))
     assert torch.equal(model(x, t, text, mask), model(x, t, text, mask, frame_mask=fm))
     with torch.no_grad():
-        model.cond_embed.weight.fill_(0.1)
+        model.cond_embed.weight.fill_(0.1), model.cond_embed.bias.fill_(0.1)
     assert not torch.allclose(model(x, t, text, mask), model(x, t, text, mask, frame_mask=fm))
+    nothing_given = given_mask(x.shape, torch.tensor([0, 0]))  # what text-to-video training samples see
+    assert torch.equal(model(x, t, text, mask), model(x, t, text, mask, frame_mask=nothing_given))
 
 
 def test_absolute_position_lets_a_constant_input_vary_by_frame():

@@ -146,8 +146,9 @@ class VideoDiT(nn.Module):
         pt, ph, pw = self.cfg.patch
         patches = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         tokens = self.patch_embed(patches)  # (B, N, D)
-        if self.cond_embed is not None and frame_mask is not None:
-            tokens = tokens + self.cond_embed(rearrange(frame_mask.to(tokens.dtype), "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw))
+        if self.cond_embed is not None:  # no mask: nothing given, as training's text-to-video samples see it
+            fm = x.new_zeros((B, self.cfg.cond_channels, *x.shape[2:])) if frame_mask is None else frame_mask.to(x.dtype)
+            tokens = tokens + self.cond_embed(rearrange(fm, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw))
         if self.cfg.abs_pos:
             tokens = tokens + sincos_pos_embed(grid, self.cfg.hidden, x.device, tokens.dtype)  # (N, D)
         ctx, pooled = self.embed_text(text, text_mask)  # (B, L, D), (B, D)
