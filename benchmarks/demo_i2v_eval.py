@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", help="where the videos go (default RUN/samples/i2v)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("overrides", nargs="*", help="sampler settings, e.g. sample.seed=1")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     result = run(args.run, args.clips, args.samples, args.overrides)
     print(f"image-to-video over {result['n']} held-out first frames: first-frame mean abs error "
           f"{result['first_frame_mean_abs_error']:.2f} / 255")
