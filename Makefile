@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, build the demo shards, train on CPU (or GPU), sample, evaluate
+#               (ARGS='run.seed=1' passes overrides to training)
 #   make test   create .venv, install, run the tests
 PY ?= python3
 VENV := .venv
@@ -20,9 +21,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python launch/train.py experiment=demo run.dir=$(RUN)
+	$(BIN)/python launch/train.py experiment=demo run.dir=$(RUN) $(ARGS)
 	$(BIN)/python launch/sample.py run.dir=$(RUN) sample.out_dir=$(RUN)/samples/eval
 	$(BIN)/python benchmarks/demo_eval.py $(RUN)/samples/eval --out $(RUN)/samples/eval/demo_eval.json
+	$(BIN)/python benchmarks/demo_i2v_eval.py $(RUN) --samples $(RUN)/samples/i2v --out $(RUN)/samples/i2v/demo_i2v_eval.json
+	@echo "contact sheets: $(RUN)/samples/eval/contact_sheet.png (text-to-video), $(RUN)/samples/i2v/contact_sheet.png (image-to-video)"
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs

@@ -23,10 +23,8 @@ import av
 import numpy as np
 import torch
 
-try:
-    import vgen  # noqa: F401
-except ImportError:  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's vgen, also when another copy is installed (as launch/*.py do)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vgen.data.demo import COLOURS, SHAPES, parse_prompt  # noqa: E402
 from vgen.data.video import read_video_file  # noqa: E402

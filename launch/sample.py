@@ -3,11 +3,14 @@
     python launch/sample.py run.dir=runs/demo 'prompts=["a red circle moving left"]'
     python launch/sample.py run.dir=runs/demo sample.steps=30 sample.guidance=4 sample.seed=1 \
         sample.negative_prompt="a blue square" sample.out_dir=/tmp/out
+    python launch/sample.py run.dir=runs/demo sample.image=first.png 'prompts=["a red circle moving left"]'
     deepspeed --num_gpus 4 launch/sample.py run.dir=runs/demo parallel.sp.mode=ring
     torchrun --nproc_per_node 4 launch/sample.py run.dir=runs/demo parallel.sp.degree=4 parallel.sp.mode=hybrid \
         parallel.sp.ulysses_degree=2
 
-Writes one mp4 per prompt and manifest.jsonl under RUN/samples/prompts/ (or sample.out_dir);
+Writes one mp4 per prompt, manifest.jsonl and contact_sheet.png (a row per prompt, its frames across)
+under RUN/samples/prompts/ (or sample.out_dir). sample.image=PATH (an image, or a video whose first frame
+is taken) starts every video with that frame: image-to-video, for runs trained with model.i2v=true;
 sample.save_raw=true also writes each video's float frames as NNN.safetensors. Under a launcher every rank
 runs the same generation with sequence parallelism (parallel.sp.degree defaults to the number of
 processes) and rank 0 writes the files.
@@ -44,6 +47,7 @@ def main() -> None:
         dist.destroy_process_group()
     if is_main:
         print(f"samples written to {out} (manifest.jsonl lists prompt -> file)")
+        print(f"contact sheet: {os.path.join(out, 'contact_sheet.png')}")
 
 
 if __name__ == "__main__":

@@ -157,3 +157,71 @@ def test_sequence_parallel_sampling_matches_one_process(kind, mode, random_run, 
     print(f"sampler {kind} sp=2 {mode}: max rel err {max(errs):.2e}")
     assert max(errs) <= TOL, errs
 
+
+
+def test_contact_sheet_shows_every_prompt_and_frame(reference):
+    """contact_sheet.png: a row per prompt, its frames across, each frame the video's frame scaled up."""
+    import numpy as np
+    from PIL import Image
+
+    from vgen.data.video import to_uint8_frames
+
+    out, proc = reference
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    cell = 16 * 4 + 2  # 16-pixel frames scaled x4 to 64, then a 2-pixel gap
+    assert sheet.shape == (len(PROMPTS) * cell + 2, 4 * cell + 2, 3)
+    assert sheet.std() > 10, "blank sheet"
+    for r, raw in enumerate(raw_videos(out)):
+        frames = to_uint8_frames(raw).numpy()  # (T, H, W, 3)
+        for c, frame in enumerate(frames):
+            y, x = 2 + r * cell, 2 + c * cell
+            assert np.array_equal(sheet[y:y + 64:4, x:x + 64:4], frame), (r, c)
+
+
+@pytest.fixture(scope="module")
+def i2v_run(random_run, tmp_path_factory):
+    """random_run's weights plus a random image-to-video input, its config with model.i2v=true."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("i2v_run")
+    (out / "config.yaml").write_text((random_run / "config.yaml").read_text().replace("  i2v: false", "  i2v: true", 1))
+    weights = load_file(str(random_run / "export" / "model.safetensors"))
+    hidden = weights["patch_embed.weight"].shape[0]
+    g = torch.Generator().manual_seed(1)  # a mask input that matters (training leaves it ~0 after 2 steps)
+    weights["cond_embed.weight"], weights["cond_embed.bias"] = torch.randn(hidden, 4, generator=g), torch.zeros(hidden)
+    (out / "export").mkdir()
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_file(weights, str(out / "export" / name))
+    return out
+
+
+def test_image_to_video_from_png_and_from_video(i2v_run, random_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from vgen.data.video import read_video_file, write_mp4
+
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[4:9, 6:11] = (230, 25, 25)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    clip = torch.from_numpy(image).permute(2, 0, 1)[:, None].float().div(127.5).sub(1).repeat(1, 3, 1, 1)
+    write_mp4(tmp_path / "first.mp4", clip, fps=8)
+    for source in ("first.png", "first.mp4"):
+        out = tmp_path / source.replace(".", "_")
+        check(sample_cli([f"run.dir={i2v_run}", f"prompts={json.dumps(PROMPTS)}", f"sample.out_dir={out}",
+                          f"sample.image={tmp_path / source}", *FAST]))
+        for i in range(len(PROMPTS)):
+            first = read_video_file(out / f"{i:03d}.mp4")[0].int()
+            assert (first - torch.from_numpy(image).int()).abs().float().mean() < 2.0, source
+        assert (out / "contact_sheet.png").is_file()
+    t2v_run = tmp_path / "t2v_run"  # the same run as a text-to-video model: no mask input
+    shutil.copytree(i2v_run, t2v_run)
+    (t2v_run / "config.yaml").write_text((i2v_run / "config.yaml").read_text().replace("  i2v: true", "  i2v: false", 1))
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(str(t2v_run / "export" / name))
+        save_file({k: v for k, v in weights.items() if not k.startswith("cond_embed.")}, str(t2v_run / "export" / name))
+    proc = sample_cli([f"run.dir={t2v_run}", f"sample.image={tmp_path / 'first.png'}", f"sample.out_dir={tmp_path / 'x'}"])
+    assert proc.returncode == 2 and "model.i2v" in proc.stderr and "Traceback" not in proc.stderr
+    proc = sample_cli([f"run.dir={i2v_run}", f"sample.image={tmp_path / 'missing.png'}", f"sample.out_dir={tmp_path / 'y'}"])
+    assert proc.returncode == 2 and "sample.image" in proc.stderr and "Traceback" not in proc.stderr

@@ -40,6 +40,10 @@ class ModelConfig:
     patch: Optional[List[int]] = None
     # attention backend: "auto" (flash-attn when installed and on CUDA, else SDPA), "sdpa", "flash"
     attention: str = "auto"
+    # absolute sinusoidal (t, h, w) position embedding on top of RoPE; null keeps the preset's (off)
+    abs_pos: Optional[bool] = None
+    # image-to-video: a mask channel marks latent frames given as the condition (train.i2v_prob)
+    i2v: bool = False
 
 
 @dataclass
@@ -59,6 +63,8 @@ class TextConfig:
     max_length: int = 32
     # probability of replacing a caption by the empty prompt (classifier-free guidance)
     dropout: float = 0.1
+    # encoder hidden states given to the DiT, concatenated along features (-1: the last layer)
+    layers: List[int] = field(default_factory=lambda: [-1])
 
 
 @dataclass
@@ -89,6 +95,10 @@ class DataConfig:
     encode_out: Optional[str] = None
     encode_batch: int = 4
     encode_dtype: str = "float32"
+    # held-out validation set (shards like `path`, never trained on; make_demo builds the demo's own) and
+    # how many of its samples are scored every log.val_every_steps
+    val_path: Optional[str] = None
+    val_clips: int = 64
 
 
 @dataclass
@@ -121,6 +131,10 @@ class TrainConfig:
     # "diffusion": the DiT with flow matching; "vae": the causal 3D VAE itself (L1 + kl_weight * KL)
     task: str = "diffusion"
     kl_weight: float = 1e-6
+    # image-to-video (needs model.i2v): probability that a sample is given its first i2v_frames latent
+    # frames; the loss then covers only the frames it generates
+    i2v_prob: float = 0.0
+    i2v_frames: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     # resuming with another global batch (micro_batch x grad_accum x data-parallel size) changes the sample
     # stream and the optimisation; refused unless set
@@ -159,6 +173,8 @@ class LogConfig:
     wandb: str = "offline"
     wandb_project: str = "vgen"
     progress: bool = True
+    # held-out validation loss (data.val_path) every this many steps and at the last step; 0 = off
+    val_every_steps: int = 0
 
 
 @dataclass
@@ -175,6 +191,8 @@ class SampleConfig:
     fps: int = 8
     # also write each video's float frames as NNN.safetensors (for exact comparisons)
     save_raw: bool = False
+    # image-to-video: an image or video file whose first frame starts every sampled video (needs model.i2v)
+    image: Optional[str] = None
 
 
 @dataclass
@@ -297,6 +315,11 @@ def validate(cfg: DictConfig) -> None:
     except BucketError as e:
         raise ConfigError(str(e)) from None
     _check(0.0 <= cfg.text.dropout < 1.0, "text.dropout must be in [0, 1)")
+    _check(0.0 <= cfg.train.i2v_prob <= 1.0, "train.i2v_prob must be in [0, 1]")
+    _check(cfg.train.i2v_prob == 0.0 or cfg.model.i2v, f"train.i2v_prob={cfg.train.i2v_prob} needs model.i2v=true (the mask channel)")
+    _check(cfg.train.i2v_frames >= 1, "train.i2v_frames must be >= 1")
+    _check(cfg.log.val_every_steps >= 0, "log.val_every_steps must be >= 0 (0 = off)")
+    _check(cfg.data.val_clips >= 1, "data.val_clips must be >= 1")
     _check(cfg.run.device in ("auto", "cpu", "cuda"), f"run.device={cfg.run.device!r} must be auto, cpu or cuda")
     from vgen.models.presets import PRESETS  # local import: config must not pull the model at import time
 

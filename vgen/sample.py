@@ -15,11 +15,15 @@ import torch
 from omegaconf import OmegaConf
 
 from vgen.config import ConfigError
+from vgen.contact_sheet import write_contact_sheet
 from vgen.diffusion.flow import euler_sample, guided_velocity, timestep_shift
+from vgen.train.i2v import condition_batch
 
 # settings only the sampler reads; every other override must name a key of the run's config.yaml
 # sample.save_raw: also write NNN.safetensors ({"video": float32 (3, T, H, W) in [-1, 1]}) beside each mp4
-SAMPLER_KEYS = {"sample.save_raw": False}
+# sample.image: an image or video whose first frame starts every video (image-to-video, needs model.i2v)
+SAMPLER_KEYS = {"sample.save_raw": False, "sample.image": None}
+SHEET_NAME = "contact_sheet.png"
 _ABSENT = object()
 
 
@@ -30,12 +34,15 @@ def prompt_noise(shape, seed: int, index: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, text_encoder, autoencoder, prompts: list[str], latent_shape, *, steps: int, guidance: float,
-             negative_prompt: str = "", seed: int = 0, shift: float = 1.0, device="cpu", first_index: int = 0):
+             negative_prompt: str = "", seed: int = 0, shift: float = 1.0, device="cpu", first_index: int = 0,
+             first_frames: torch.Tensor | None = None):
     """Videos (B, 3, T, H, W) in [-1, 1] for `prompts`.
 
     Args:
         latent_shape: (C, T, H, W) of one latent.
         first_index: index of prompts[0] in the whole prompt list (for its noise seed).
+        first_frames: image-to-video: (B or 1, C, k, H, W) latent frames the videos start with; they are
+            held fixed while the other frames are generated (vgen/train/i2v.py).
     """
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -44,10 +51,23 @@ def generate(model, text_encoder, autoencoder, prompts: list[str], latent_shape,
     cond[0], uncond[0] = cond[0].to(dtype), uncond[0].to(dtype)
     noise = torch.stack([prompt_noise(tuple(latent_shape), seed, first_index + i) for i in range(len(prompts))])
 
-    def velocity(x, t):
-        return guided_velocity(model, x.to(dtype), t, cond, uncond, guidance).float()
+    noise, model_fn, keep = noise.to(device), model, None
+    if first_frames is not None:
+        given = torch.full((len(prompts),), first_frames.shape[2], dtype=torch.long)
+        x0 = torch.zeros_like(noise)
+        x0[:, :, : first_frames.shape[2]] = first_frames.to(device, noise.dtype)
+        noise, frame_mask = condition_batch(noise, x0, given)
+        keep = 1.0 - frame_mask  # the given frames do not move
 
-    latents = euler_sample(velocity, noise.to(device), steps, shift)
+        def model_fn(x, t, text, mask):
+            fm = frame_mask.repeat(x.shape[0] // frame_mask.shape[0], 1, 1, 1, 1)  # both halves under guidance
+            return model(x, t, text, mask, frame_mask=fm.to(dtype))
+
+    def velocity(x, t):
+        v = guided_velocity(model_fn, x.to(dtype), t, cond, uncond, guidance).float()
+        return v if keep is None else v * keep
+
+    latents = euler_sample(velocity, noise, steps, shift)
     return autoencoder.decode(latents).clamp(-1, 1)
 
 
@@ -64,8 +84,10 @@ def latent_shape_for(cfg, autoencoder) -> tuple[int, ...]:
 
 
 def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None, write=True, batch: int = 8) -> Path:
-    """Generate every prompt, write `out_dir/NNN.mp4` and `out_dir/manifest.jsonl` (when `write`), and
-    `out_dir/NNN.safetensors` with the float video too when `sample.save_raw` is set.
+    """Generate every prompt, write `out_dir/NNN.mp4`, `out_dir/manifest.jsonl` and `out_dir/contact_sheet.png`
+    (one row per prompt, its frames across) when `write`, and `out_dir/NNN.safetensors` with the float
+    video too when `sample.save_raw` is set. With `sample.image` every video starts with that file's
+    first frame.
 
     Args:
         write: False on every rank but one when several ranks generate the same videos.
@@ -79,11 +101,15 @@ def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None
     s = cfg.sample
     save_raw = bool(OmegaConf.select(cfg, "sample.save_raw", default=SAMPLER_KEYS["sample.save_raw"]))
     shift = timestep_shift(_tokens(model, shape), cfg.diffusion.shift_base_tokens, cfg.diffusion.shift_max)
-    rows = []
+    image = OmegaConf.select(cfg, "sample.image", default=None)
+    first = first_latent_frames(image, autoencoder, cfg, model, device) if image else None
+    rows, sheet = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         videos = generate(model, text_encoder, autoencoder, chunk, shape, steps=s.steps, guidance=s.guidance,
-                          negative_prompt=s.negative_prompt, seed=s.seed, shift=shift, device=device, first_index=start)
+                          negative_prompt=s.negative_prompt, seed=s.seed, shift=shift, device=device, first_index=start,
+                          first_frames=first)
+        sheet += list(videos.cpu())
         for i, (prompt, video) in enumerate(zip(chunk, videos)):
             name = f"{start + i:03d}.mp4"
             if write:
@@ -93,7 +119,26 @@ def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None
             rows.append({"prompt": prompt, "path": name})
     if write:
         (out_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_contact_sheet(out_dir / SHEET_NAME, sheet)
     return out_dir
+
+
+def first_latent_frames(path, autoencoder, cfg, model, device) -> torch.Tensor:
+    """(1, C, k, H, W) latent of the first frame of an image or video file, at the run's size.
+
+    Raises:
+        ConfigError: the model has no image-to-video input, or the file is not a readable image/video.
+    """
+    from vgen.data.video import VideoDecodeError, decode_video
+
+    if not model.cfg.cond_channels:
+        raise ConfigError(f"sample.image={path!r}: this run's model was trained without model.i2v=true")
+    try:  # PyAV reads images (PNG, JPEG, ...) as one-frame videos
+        frame = decode_video(Path(path).read_bytes(), 1, cfg.data.height, cfg.data.width, start=0)  # (3, 1, H, W)
+    except (OSError, VideoDecodeError) as err:
+        raise ConfigError(f"sample.image={path!r}: {err}") from err
+    with torch.no_grad():
+        return autoencoder.encode(frame[None].to(device)).float()
 
 
 def _save_raw(path: Path, video: torch.Tensor) -> None:

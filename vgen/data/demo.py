@@ -9,6 +9,7 @@ measured from pixels alone (`benchmarks/demo_eval.py`), with no learned judge.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -135,27 +136,62 @@ def _is_complete(out_dir: Path, params: dict) -> list[Path] | None:
     return shards
 
 
-def _write_shard(path: Path, start: int, stop: int, combos: list[tuple], params: dict) -> None:
+def _clip_identity(meta: dict) -> tuple:
+    """What makes two demo clips the same video."""
+    return tuple(meta[k] for k in ("colour", "shape", "direction", "speed", "x0", "y0", "size", "background"))
+
+
+def _render_indexed(i: int, combo: tuple, params: dict, exclude: frozenset = frozenset()):
+    """Clip i of a set; redrawn (with a new RNG stream) while it equals a clip in `exclude`."""
+    for attempt in range(1000):
+        suffix = f"-{attempt}" if attempt else ""  # attempt 0 keeps the stream older sets were made with
+        rng = random.Random(f"{params['seed']}-clip-{i}{suffix}")
+        frames, meta = render_clip(*combo, params["num_frames"], params["height"], params["width"], rng)
+        if _clip_identity(meta) not in exclude:
+            return frames, meta
+    raise RuntimeError(f"no demo clip {combo} outside the excluded set after 1000 draws")
+
+
+def _combos(num_clips: int, seed: int) -> list[tuple]:
+    # Every (colour, shape, direction) once per round of 48 clips, in a seeded order, so small sets stay balanced.
+    every = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+    order_rng = random.Random(f"{seed}-combos")
+    combos = []
+    while len(combos) < num_clips:
+        order_rng.shuffle(every)
+        combos += every
+    return combos
+
+
+def _write_shard(path: Path, start: int, stop: int, combos: list[tuple], params: dict,
+                 exclude: frozenset = frozenset()) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: same seed, same bytes
         for i in range(start, stop):
-            colour, shape, direction = combos[i]
-            rng = random.Random(f"{params['seed']}-clip-{i}")
-            frames, meta = render_clip(colour, shape, direction, params["num_frames"], params["height"],
-                                       params["width"], rng)
+            frames, meta = _render_indexed(i, combos[i], params, exclude)
             sink.write({"__key__": f"{i:06d}", "mp4": encode_video(frames, params["fps"]),
-                        "txt": caption(colour, shape, direction), "json": json.dumps(meta, sort_keys=True)})
+                        "txt": caption(*combos[i]), "json": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
 
 
+def demo_clip_identities(num_clips: int, num_frames: int, height: int, width: int, seed: int = 0) -> frozenset:
+    """The identities of the clips `write_demo_shards` draws with these settings (rendered, not encoded)."""
+    params = {"num_frames": num_frames, "height": height, "width": width, "seed": seed}
+    return frozenset(_clip_identity(_render_indexed(i, combo, params)[1])
+                     for i, combo in enumerate(_combos(num_clips, seed)))
+
+
 def write_demo_shards(out_dir, num_clips: int = 512, clips_per_shard: int = 64, num_frames: int = 8,
-                      height: int = 32, width: int = 32, fps: int = 8, seed: int = 0) -> list[Path]:
+                      height: int = 32, width: int = 32, fps: int = 8, seed: int = 0,
+                      exclude: frozenset = frozenset()) -> list[Path]:
     """Write the demo dataset as WebDataset shards `demo-000000.tar`, ... in `out_dir`.
 
     Each sample holds `{key}.mp4`, `{key}.txt` (caption) and `{key}.json` (colour, shape, direction, ...).
     A complete set with the same parameters (its `_COMPLETE` marker is written last) is left as it is;
     anything else there is rewritten. Safe to call from several processes at once.
 
+    Args:
+        exclude: clip identities never to write (a validation set excludes the training clips).
     Returns:
         the shard paths, sorted.
     """
@@ -163,6 +199,8 @@ def write_demo_shards(out_dir, num_clips: int = 512, clips_per_shard: int = 64, 
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"num_clips": num_clips, "clips_per_shard": clips_per_shard, "num_frames": num_frames,
               "height": height, "width": width, "fps": fps, "seed": seed}
+    if exclude:  # the marker must tell a validation set from a training set of the same seed
+        params["excluded"] = hashlib.sha256(repr(sorted(exclude)).encode()).hexdigest()[:16]
     with _dir_lock(out_dir):
         shards = _is_complete(out_dir, params)
         if shards is not None:
@@ -170,20 +208,26 @@ def write_demo_shards(out_dir, num_clips: int = 512, clips_per_shard: int = 64, 
         (out_dir / MARKER).unlink(missing_ok=True)
         for stale in out_dir.glob("demo-*.tar"):
             stale.unlink()
-        # Every (colour, shape, direction) once per round of 48 clips, in a seeded order, so small sets
-        # stay balanced.
-        every = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
-        order_rng = random.Random(f"{seed}-combos")
-        combos = []
-        while len(combos) < num_clips:
-            order_rng.shuffle(every)
-            combos += every
+        combos = _combos(num_clips, seed)
         shards = []
         for index, start in enumerate(range(0, num_clips, clips_per_shard)):
             shards.append(out_dir / SHARD_PATTERN.format(index))
-            _write_shard(shards[-1], start, min(start + clips_per_shard, num_clips), combos, params)
+            _write_shard(shards[-1], start, min(start + clips_per_shard, num_clips), combos, params, exclude)
         marker = {"params": params, "shards": [p.name for p in shards]}
         tmp = out_dir / f".{MARKER}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, out_dir / MARKER)
     return shards
+
+
+VAL_SEED = 1_000_003  # the demo validation set's seed; its clips are redrawn where they equal a training clip
+
+
+def write_demo_val_shards(data_cfg) -> list[Path]:
+    """The demo's held-out set at `data.val_path`: `data.val_clips` clips that the training set at
+    `data.path` (built by `make_demo_if_asked` from the same settings) does not contain."""
+    span = max(2, (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1)
+    train = demo_clip_identities(data_cfg.demo_clips, span, data_cfg.height, data_cfg.width)
+    return write_demo_shards(str(data_cfg.val_path), num_clips=data_cfg.val_clips,
+                             clips_per_shard=data_cfg.demo_clips_per_shard, num_frames=span,
+                             height=data_cfg.height, width=data_cfg.width, seed=VAL_SEED, exclude=train)

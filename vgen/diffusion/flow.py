@@ -38,9 +38,19 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error to the velocity, averaged over every element (so over all tokens)."""
-    return (pred.float() - velocity_target(x0, noise).float()).pow(2).mean()
+def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error to the velocity, averaged over every element (so over all tokens).
+
+    Args:
+        weight: optional 0/1 mask broadcastable to x0 (e.g. (B, 1, T, H, W)): the mean is then over the
+            elements it keeps (image-to-video: only the generated frames).
+    """
+    err = (pred.float() - velocity_target(x0, noise).float()).pow(2)
+    if weight is None:
+        return err.mean()
+    weight = weight.float().expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def sampling_schedule(steps: int, shift: float) -> torch.Tensor:

@@ -14,6 +14,8 @@ def build_dit(model_cfg, in_channels: int, text_dim: int) -> VideoDiT:
         mlp_ratio=model_cfg.mlp_ratio,
         patch=model_cfg.patch,
         attention=model_cfg.attention,
+        abs_pos=getattr(model_cfg, "abs_pos", None),
+        cond_channels=1 if getattr(model_cfg, "i2v", False) else None,
         in_channels=in_channels,
         text_dim=text_dim,
     )
@@ -31,7 +33,8 @@ def build_frozen_encoders(cfg, device):
     from vgen.models.autoencoder import build_autoencoder
     from vgen.models.text_encoder import TextEncoder
 
-    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device)
+    text_encoder = TextEncoder(cfg.text.encoder_path, cfg.text.max_length, device=device,
+                               layers=tuple(getattr(cfg.text, "layers", None) or (-1,)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         autoencoder = build_autoencoder(cfg.autoencoder)

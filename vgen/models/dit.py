@@ -17,6 +17,7 @@ from torch import nn
 
 from vgen.models.attention import CrossAttention, RMSNorm, SelfAttention
 from vgen.models.lean_ops import modulate, norm_modulate
+from vgen.models.pos_embed import sincos_pos_embed
 from vgen.models.presets import DiTConfig
 from vgen.models.rope import rope_tables
 
@@ -132,6 +133,11 @@ class VideoDiT(nn.Module):
         D, (pt, ph, pw) = cfg.hidden, cfg.patch
         patch_dim = cfg.in_channels * pt * ph * pw
         self.patch_embed = nn.Linear(patch_dim, D)
+        # image-to-video: the given-frame mask, embedded per token; zero init starts as text-to-video
+        self.cond_embed = nn.Linear(cfg.cond_channels * pt * ph * pw, D) if cfg.cond_channels else None
+        if self.cond_embed is not None:
+            nn.init.zeros_(self.cond_embed.weight)
+            nn.init.zeros_(self.cond_embed.bias)
         self.t_embed = TimestepEmbedder(D)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.text_norm = RMSNorm(D)
@@ -158,12 +164,18 @@ class VideoDiT(nn.Module):
         pt, ph, pw = self.cfg.patch
         return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
 
-    def forward(self, x, t, text, text_mask):
+    def forward(self, x, t, text, text_mask, frame_mask=None):
+        # frame_mask: (B, cond_channels, T, H, W) image-to-video, 1 on given latent frames; None = text-to-video
         B = x.shape[0]
         grid = self.token_grid(x.shape)
-        pt, ph, pw = self.cfg.patch
         patches = self.seq_in(self.patchify(x), grid=grid)  # (B, N_local, patch_dim): SP embeds only its own
         tokens = self.patch_embed(patches)  # (B, N_local, D)
+        if self.cond_embed is not None:  # no mask: nothing given, as training's text-to-video samples see it
+            fm = x.new_zeros((B, self.cfg.cond_channels, *x.shape[2:])) if frame_mask is None else frame_mask.to(x.dtype)
+            tokens = tokens + self.cond_embed(self.seq_in(self.patchify(fm), grid=grid))  # (B, N_local, D)
+        if self.cfg.abs_pos:
+            tokens = tokens + sincos_pos_embed(grid, self.cfg.hidden, x.device, tokens.dtype,
+                                               rows=self.seq_in.rows(grid))  # (N_local, D)
         ctx, pooled = self.embed_text(text, text_mask)  # (B, L, D), (B, D)
         cond = self.t_embed(t) + pooled  # (B, D)
         rope = rope_tables(grid, self.cfg.head_dim, device=x.device, rows=self.seq_in.rows(grid))  # 2 x (N_local, head_dim / 2)

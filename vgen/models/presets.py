@@ -17,6 +17,8 @@ class DiTConfig:
     text_dim: int = 384  # text-encoder width; set from the text encoder at build time
     qk_norm: bool = True
     attention: str = "auto"  # "auto" | "sdpa" | "flash"
+    abs_pos: bool = False  # add a sinusoidal absolute (t, h, w) position embedding (vgen/models/pos_embed.py)
+    cond_channels: int = 0  # image-to-video: extra per-voxel condition channels (the given-frame mask)
 
     @property
     def head_dim(self) -> int:

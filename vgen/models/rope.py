@@ -39,10 +39,10 @@ def _build(grid, head_dim: int, theta: float, index: torch.Tensor):
 
 @functools.lru_cache(maxsize=32)
 def _cached(grid, head_dim: int, theta: float, rows: tuple, device: torch.device):
-    return _build(grid, head_dim, theta, _row_index(grid, rows, device))
+    return _build(grid, head_dim, theta, row_index(grid, rows, device))
 
 
-def _row_index(grid, rows: tuple, device) -> torch.Tensor:
+def row_index(grid, rows: tuple, device) -> torch.Tensor:
     """rows: ("tokens", start, stop): tokens start..stop-1 in (t, h, w) order; ("positions", p0, p1): every
     frame's spatial positions p0..p1-1, in (t, position) order (switch's temporal layout)."""
     kind, a, b = rows
@@ -57,13 +57,13 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
     Args:
         grid: the (T, H, W) token grid.
-        rows: which rows (see _row_index); default all T*H*W tokens in (t, h, w) order.
+        rows: which rows (see row_index); default all T*H*W tokens in (t, h, w) order.
     """
     grid = tuple(int(g) for g in grid)
     rows = rows or ("tokens", 0, grid[0] * grid[1] * grid[2])
     device = torch.device(device or "cpu")
     if _get_current_dispatch_mode_stack() or device.type == "meta":  # fake/tracing modes: never cache their tensors
-        return _build(grid, head_dim, theta, _row_index(grid, rows, device))
+        return _build(grid, head_dim, theta, row_index(grid, rows, device))
     return _cached(grid, head_dim, float(theta), tuple(rows), device)
 
 

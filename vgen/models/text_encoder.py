@@ -26,7 +26,8 @@ class TextEncoder:
     per prompt string: captions repeat across a dataset and the encoder is frozen.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, max_length: int = 32, device="cpu", cache_size: int = 4096):
+    def __init__(self, path: str | os.PathLike | None = None, max_length: int = 32, device="cpu", cache_size: int = 4096,
+                 layers=(-1,)):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
         from transformers.utils import logging as hf_logging
@@ -40,7 +41,11 @@ class TextEncoder:
         model_cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = model_cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False).to(device)
-        self.dim = int(config.d_model if hasattr(config, "d_model") else config.hidden_size)
+        # hidden states concatenated along features; (-1,) is the last layer alone. all-MiniLM's last layer,
+        # trained for sentence similarity, puts "moving left" and "moving right" 7x closer than two colours
+        # (conf/experiment/demo.yaml); its layer 0 (word embeddings) keeps the words apart.
+        self.layers = tuple(int(i) for i in layers)
+        self.dim = int(config.d_model if hasattr(config, "d_model") else config.hidden_size) * len(self.layers)
         self.max_length, self.device, self.cache_size = max_length, torch.device(device), cache_size
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -48,7 +53,9 @@ class TextEncoder:
     def _encode_uncached(self, prompts: list[str]):
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items()}
-        hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        last_only = self.layers == (-1,)
+        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], output_hidden_states=not last_only)
+        hidden = out.last_hidden_state if last_only else torch.cat([out.hidden_states[i] for i in self.layers], dim=-1)
         return hidden.float(), tok["attention_mask"].bool()  # (B, L, dim), (B, L)
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

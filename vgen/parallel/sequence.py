@@ -93,23 +93,31 @@ class SequenceGather(nn.Module):
         return f"sp={self.sp_size}, mode={self.mode}, shard_loss={self.shard_loss}"
 
 
-def shard_mse(model: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def shard_mse(model: nn.Module, pred: torch.Tensor, target: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the whole sequence from this rank's shard (`parallel.sp.shard_loss`).
 
     Args:
         model: the SP-applied VideoDiT (its seams know the layout).
         pred: (B, N_local, patch_dim) from the model, or the full (B, C, T, H, W) when it gathered.
         target: (B, C, T, H, W) velocity target.
+        weight: optional 0/1 mask broadcastable to target (image-to-video: the generated frames); the mean
+            is then over the elements it keeps, as in `flow_matching_loss`.
     """
+    weight = None if weight is None else weight.float().expand_as(target)
     if pred.shape == target.shape:
-        return (pred.float() - target.float()).pow(2).mean()
+        err = (pred.float() - target.float()).pow(2)
+        return err.mean() if weight is None else (err * weight).sum() / weight.sum().clamp(min=1.0)
     seam = model.seq_out
     grid = model.token_grid(target.shape)
     plan = shard_plan(grid, seam.sp_size, seam.mode)
     real = plan.real(seam.index)
     mine = local_tokens(model.patchify(target), plan, seam.index)[:, :real]  # (B, real, patch_dim)
-    local = (pred[:, :real].float() - mine.float()).pow(2).sum() / target.numel()
-    return sum_over_group(local, seam.group)
+    err = (pred[:, :real].float() - mine.float()).pow(2)
+    if weight is None:
+        return sum_over_group(err.sum() / target.numel(), seam.group)
+    w = local_tokens(model.patchify(weight), plan, seam.index)[:, :real]  # every rank holds the whole mask
+    return sum_over_group((err * w).sum() / weight.sum().clamp(min=1.0), seam.group)
 
 
 def make_core(local: AttentionCore, topology: Topology) -> nn.Module:

@@ -17,6 +17,7 @@ from torch import nn
 
 from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift, velocity_target
 from vgen.models import build_dit, build_frozen_encoders
+from vgen.train.i2v import condition_batch, draw_given
 
 
 def sample_generator(seed: int, step: int, sample_id) -> torch.Generator:
@@ -90,12 +91,17 @@ class DiffusionTask:
         t = torch.cat([sample_timesteps(1, g, shift, d.logit_mean, d.logit_std) for g in gens]).to(self.device)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
         xt = add_noise(x0, noise, t)
-        pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device))
+        frame_mask = None
+        if model.cfg.cond_channels:  # image-to-video: some samples get their first frame(s), scored on the rest
+            given = draw_given(x0.shape[0], gens, self.cfg.train.i2v_prob, self.cfg.train.i2v_frames)
+            xt, frame_mask = condition_batch(xt, x0, given)
+        pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device), frame_mask=frame_mask)
+        weight = None if frame_mask is None else 1.0 - frame_mask
         if pred.dim() == 3:  # this rank's tokens only (parallel.sp.shard_loss): loss summed over the SP group
             from vgen.parallel.sequence import shard_mse
 
-            return shard_mse(model, pred, velocity_target(x0, noise)), T * H * W
-        return flow_matching_loss(pred, x0, noise), T * H * W
+            return shard_mse(model, pred, velocity_target(x0, noise), weight=weight), T * H * W
+        return flow_matching_loss(pred, x0, noise, weight=weight), T * H * W
 
     def flops_per_sample(self, model) -> float:
         return model.flops_per_sample(self.latent_shape, self.cfg.text.max_length)

@@ -26,6 +26,7 @@ from vgen.train.elastic import check_global_batch, needs_universal, prepare_univ
 from vgen.train.ema import ShardedEMA
 from vgen.train.metrics import MetricsLogger, gpu_peak_flops, truncate_after
 from vgen.train.tasks import build_task
+from vgen.train.validation import build_validator
 
 
 class Trainer:
@@ -69,6 +70,7 @@ class Trainer:
         self.step = self._resume(universal) if self.resume_tag else 0
         self._write_run_files()
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_main, cfg.train.max_steps, self.step)
+        self.validator = build_validator(cfg, self.task, self.device)  # held-out loss (vgen/train/validation.py)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -190,7 +192,10 @@ class Trainer:
             self._log(f"run already at step {self.step} >= train.max_steps={cfg.train.max_steps}; nothing to do")
         while self.step < stop_at:
             rec = self.train_step()
-            if self.step % cfg.log.every_steps == 0 or self.step == stop_at:
+            val_due = self.validator is not None and (self._due(cfg.log.val_every_steps) or self.step == cfg.train.max_steps)
+            if val_due:
+                rec.update(self.validator(self.engine.module))
+            if self.step % cfg.log.every_steps == 0 or self.step == stop_at or val_due:
                 self.metrics.log(rec)
             preempted, saving = self._agree(self.stop_requested, self.ckpt.busy())
             if self.ckpt.pending and not saving:  # an async save finished on every rank: mark it complete
