@@ -187,6 +187,7 @@ class VideoDiT(nn.Module):
         if self.seq_out.returns_shard():
             return out  # (B, N_local, patch_dim): per-shard loss (vgen/parallel/sequence.py, shard_mse)
         T, H, W = grid
+        pt, ph, pw = self.cfg.patch
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", b=B, t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
 
     def flops_per_sample(self, latent_shape, text_len: int) -> float:
