@@ -322,3 +322,64 @@ def depth_sweep(dit, mem, latent_chw, text_len: int, frames=(64, 128), blocks: i
               for T in frames]
     return DepthSweep(*traces, depth=dit.depth)
 
+
+
+def uniform_blocks(mem, depth: int) -> bool:
+    """Whether every block runs the same memory plan (the layout repeats one block)."""
+    from vgen.parallel.checkpointing import block_plans
+
+    return mem is None or len(set(block_plans(mem, depth))) <= 1
+
+
+def _lean_order(dit, latent_chw, frames: int, micro_batch: int, sp: int) -> tuple:
+    """The lean-op regime to try first: the one a real run at the longer traced length is in (a lean
+    input holds micro_batch x local tokens x hidden elements)."""
+    from vgen.models.lean_ops import CHUNK_THRESHOLD
+
+    _, H, W = latent_chw
+    pt, ph, pw = dit.patch
+    numel = micro_batch * (frames // pt) * (H // ph) * (W // pw) // sp * dit.hidden
+    return ("long", "short") if numel > CHUNK_THRESHOLD else ("short", "long")
+
+
+def solve_max_frames(dit, mem, latent_chw, text_len: int, budget: float, max_frames: int, terms=None,
+                     frames=(64, 128), **kw) -> dict:
+    """The longest latent frame count whose step fits `budget` bytes per GPU, from 3-block traces.
+
+    Args:
+        terms: a gpu_memory.GpuTerms (its n_params is set here): the budget then holds the device total
+            (reserved tensors + context, NCCL, EMA, encoders, offload pool); None: tensors only.
+        frames: the two traced frame counts (long enough that every frame-proportional tensor is over
+            the offloader's size threshold, so longer steps offload the same tensors).
+        kw: as memory_sim.trace_step.
+    Returns:
+        dict(frames, report (MemoryReport at the answer), device (dict of GPU terms or None), sweep, lean).
+    """
+    blocks = 3 if uniform_blocks(mem, dit.depth) else dit.depth
+    answer = None
+    for lean in _lean_order(dit, latent_chw, frames[1], kw.get("micro_batch", 1), kw.get("sp", 1)):
+        sw = depth_sweep(dit, mem, latent_chw, text_len, frames=frames, blocks=blocks, lean=lean, **kw)
+        if terms is not None:
+            terms.n_params = sw.n_params
+        pool0 = sw.offloaded_bytes_per_block(sw.a.frames)
+        pool1 = (sw.offloaded_bytes_per_block(sw.b.frames) - pool0) / sw.sweep.span
+        mult, add = terms.affine(pool0, pool1) if terms is not None else (1.0, (0.0, 0.0))
+
+        def device(T, sw=sw):
+            rep = sw.evaluate(T)
+            d = terms.device_bytes(rep.peak_bytes, sw.offloaded_bytes_per_block(T)) if terms is not None else None
+            return rep, d
+
+        def fits(T):
+            rep, d = device(T)
+            return (d["device"] if d else rep.peak_bytes) <= budget
+
+        T = sw.max_frames(fits, budget, max_frames, mult, add)
+        from vgen.parallel.memory_sim import lean_regime_holds
+
+        answer = (T, sw, lean)
+        if T == 0 or lean_regime_holds(sw.a, T):
+            break
+    T, sw, lean = answer
+    rep, d = device(max(T, sw.a.patch_t))
+    return dict(frames=T, report=rep, device=d, sweep=sw, lean=lean)
