@@ -71,6 +71,7 @@ class MemoryReport:
     zero_stage: int = 2
     sp_impl: str = "none"  # "fake process group" (the real SP wrappers) or "stand-ins"
     attention: str = "native"  # the attention accounting: "flash", "native" or "math"
+    device: dict | None = None  # allocated, reserved and the GPU terms (gpu_memory.GpuTerms.device_bytes)
 
     @property
     def peak_gb(self) -> float:
