@@ -96,3 +96,17 @@ def test_gpu_terms_and_profile(tmp_path):
     path.write_text(json.dumps({"context_gb": 1}))
     with pytest.raises(ValueError, match=r"h100.json has unknown keys \['context_gb'\]"):
         load_profile(path)
+
+
+def test_calibrate_dry_run_writes_a_loadable_profile(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_memory.py"
+    spec = importlib.util.spec_from_file_location("calibrate_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.json"
+    result = module.main(["--dry-run", "--out", str(out)])
+    assert result["measured_fields"] == [] and not load_profile(out).measured
+    assert load_profile(out).context_bytes == GpuProfile().context_bytes

@@ -168,6 +168,7 @@ class MemoryConfig:
     recompute_mlp: bool = False
     # offload moves only saved tensors at least this large (smaller ones free too little to pay the copy)
     offload_min_bytes: int = 1048576
+    gpu_profile: Optional[str] = None  # GPU memory profile JSON (benchmarks/calibrate_memory.py); None: defaults
 
 
 @dataclass
