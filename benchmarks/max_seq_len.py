@@ -14,8 +14,10 @@ three timed steps at the longest fit. Weights are bf16 with an fp32 master copy 
 the fp32 copy: the bytes of DeepSpeed's bf16 optimizer at ZeRO-0 on one GPU. MFU counts model FLOPs
 (model.flops_per_sample: forward + backward, attention included, recomputation not) over this GPU's
 bf16 matmul peak measured here (8192^3 matmuls). With --budget-gb a step over the budget counts as a
-failure (the only failure a CPU run has). --simulate bisects the simulator's peak (vgen/parallel/
-memory_sim.py) against --budget-gb per GPU for every SP degree dividing --world-size, ZeRO --zero-stage,
+failure (the only failure a CPU run has). --simulate solves the longest fit in closed form on a 3-block
+trace pair laid out for the full depth (vgen/parallel/memory_timeline.py), with what a GPU holds beyond
+tensors subtracted from --budget-gb (vgen/parallel/gpu_memory.py; --no-gpu-terms: tensors only), for every
+SP degree dividing --world-size, ZeRO --zero-stage, cells in --jobs processes,
 with attention accounted as a GPU's fused kernel (--attention-kernel flash: output + log-sum-exp forward,
 dq/dk/dv + FlashAttention-2's fp32 workspace backward, no (S, S) scores; "native" leaves out the workspace).
 Writes benchmarks/results/max_seq_len_<mode>.json (+ .png when matplotlib is installed).
