@@ -242,8 +242,8 @@ class FrameSweep:
     def sizes(self, frames: int) -> list[int]:
         k = frames // self.a.patch_t - self.a.frames // self.a.patch_t
 
-        def at(va, vb):
-            return va + (vb - va) * k // self.span
+        def at(va, vb):  # one trace (span 0) models only its own length
+            return va + (vb - va) * k // self.span if self.span else va
 
         sizes = []
         for ra, rb, sa, sb in zip(self.a.records, self.b.records, self.a.sizes, self.b.sizes):

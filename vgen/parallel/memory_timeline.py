@@ -102,7 +102,7 @@ class DepthLayout:
         if kind not in _BLOCK_KINDS:
             return self.start_of[label] + offset
         if shift is None:  # a stem/head record dying in a block: only the first or last blocks are fixed
-            if j == self.m:
+            if j == self.m and self.depth != self.k:
                 raise NotRepeating(f"a record outside the blocks dies in the repeated block {label}")
             q = j if j < self.m else j + self.depth - self.k
         else:
@@ -259,7 +259,7 @@ class DepthSweep:
         a, b = self.a, self.b
         per = [t.offloaded_bytes / t.depth for t in (a, b)]
         k = frames // a.patch_t - a.frames // a.patch_t
-        return per[0] + (per[1] - per[0]) * k / self.sweep.span
+        return per[0] + (per[1] - per[0]) * k / self.sweep.span if self.sweep.span else per[0]
 
     # ---- closed form
     def _affine(self, round_rows: str):

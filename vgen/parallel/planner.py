@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 from vgen.parallel.gpu_memory import GpuTerms, load_profile
 from vgen.parallel.memory_sim import MemoryReport
-from vgen.parallel.memory_timeline import depth_sweep, uniform_blocks
+from vgen.parallel.memory_sim import trace_step
+from vgen.parallel.memory_timeline import DepthSweep, uniform_blocks
 
 # (name, settings, estimated extra cost as a fraction of a step). Selective recomputes only pointwise
 # ops (~3% of a block's time); adding the MLP's two matmuls recomputes ~8/26 of its linear FLOPs.
@@ -114,10 +115,10 @@ def plan_memory(cfg, latent_shape, text_len: int, world_size: int, text_dim: Opt
         min_bytes = int(getattr(mem, "offload_min_bytes", 1 << 20))
         plan = MemoryPlan(budget_gb=budget, name=name, offload_min_bytes=min_bytes, **settings)
         blocks = 3 if uniform_blocks(plan, dit.depth) else dit.depth
-        # two traces of 3 blocks (or every block for non-uniform policies) at T and T - 1 frames: the layout
-        # needs two lengths; the report is at T
-        pair = (max(T - dit.patch[0], 1), T) if T > dit.patch[0] else (T, 2 * T)
-        sw = depth_sweep(dit, plan, (C, H, W), text_len, frames=pair, blocks=blocks, lean="real", **sim)
+        # one trace of 3 blocks (or of every block for a non-uniform policy) at the training length, laid
+        # out for the full depth
+        trace = trace_step(dit, plan, latent_shape, text_len, depth=min(blocks, dit.depth), **sim)
+        sw = DepthSweep(trace, trace, dit.depth)
         report = sw.evaluate(T)
         terms = GpuTerms(profile, world=world_size, sp=sim["sp"], n_params=sw.n_params,
                          expandable_segments=bool(getattr(mem, "expandable_segments", False)))
