@@ -14,8 +14,10 @@ three timed steps at the longest fit. Weights are bf16 with an fp32 master copy 
 the fp32 copy: the bytes of DeepSpeed's bf16 optimizer at ZeRO-0 on one GPU. MFU counts model FLOPs
 (model.flops_per_sample: forward + backward, attention included, recomputation not) over this GPU's
 bf16 matmul peak measured here (8192^3 matmuls). With --budget-gb a step over the budget counts as a
-failure (the only failure a CPU run has). --simulate bisects the simulator's peak (vgen/parallel/
-memory_sim.py) against --budget-gb per GPU for every SP degree dividing --world-size, ZeRO --zero-stage,
+failure (the only failure a CPU run has). --simulate solves the longest fit in closed form on a 3-block
+trace pair laid out for the full depth (vgen/parallel/memory_timeline.py), with what a GPU holds beyond
+tensors subtracted from --budget-gb (vgen/parallel/gpu_memory.py; --no-gpu-terms: tensors only), for every
+SP degree dividing --world-size, ZeRO --zero-stage, cells in --jobs processes,
 with attention accounted as a GPU's fused kernel (--attention-kernel flash: output + log-sum-exp forward,
 dq/dk/dv + FlashAttention-2's fp32 workspace backward, no (S, S) scores; "native" leaves out the workspace).
 Writes benchmarks/results/max_seq_len_<mode>.json (+ .png when matplotlib is installed).
@@ -44,6 +46,7 @@ from vgen.models.dit import VideoDiT  # noqa: E402
 from vgen.models.presets import resolve_preset  # noqa: E402
 from vgen.parallel.checkpointing import apply_memory_policy  # noqa: E402
 from vgen.parallel.memory_sim import sweep, trace_step  # noqa: E402
+from vgen.parallel.gpu_memory import GpuProfile, load_profile  # noqa: E402
 
 ATTENTION_ACCOUNTING = {
     "flash": "fused SDPA as on a GPU: forward allocates the output and an fp32 log-sum-exp, backward dq, dk, dv "
@@ -97,49 +100,50 @@ def bisect_frames(fits, lo: int, hi: int, guess: int | None = None) -> int:
 
 
 def run_simulated(args, dit) -> list[dict]:
-    rows = []
+    """Every (SP degree, policy) cell, spread over --jobs processes (each cell traces 3 blocks twice)."""
     degrees = [d for d in (1, 2, 4, 8, 16, 32, 64) if args.world_size % d == 0 and dit.heads % d == 0]
-    budget = args.budget_gb * 1e9
-    for sp in degrees:
-        sim = dict(micro_batch=args.micro_batch, world_size=args.world_size, sp=sp, zero_stage=args.zero_stage,
-                   attention_kernel=args.attention_kernel)
-        for name in args.policies:
-            start = time.perf_counter()
-            frames, report, traced = simulated_max_frames(args, dit, memory_policy(name), budget, sim)
-            row = dict(policy=name, sp=sp, frames=frames, tokens=report.tokens if frames else 0, peak_gb=report.peak_gb,
-                       by_category_gb={k: v / 1e9 for k, v in report.by_category.items()}, sp_impl=report.sp_impl,
-                       attention=report.attention, traced_at_answer=traced)
-            row["seconds"] = time.perf_counter() - start
-            print(f"sp={sp:<2} {name:<24} {frames:>5} frames {row['tokens']:>9} tokens  peak {report.peak_gb:6.2f} GB"
-                  f"  ({row['seconds']:.0f}s)", flush=True)
-            rows.append(row)
+    cells = [(sp, name) for sp in degrees for name in args.policies]
+    if args.jobs > 1 and len(cells) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            rows = list(pool.map(simulate_cell, [(args, dit, sp, name) for sp, name in cells]))
+    else:
+        rows = [simulate_cell((args, dit, sp, name)) for sp, name in cells]
+    for row in rows:
+        print(f"sp={row['sp']:<2} {row['policy']:<26} {row['frames']:>5} frames {row['tokens']:>9} tokens  "
+              f"tensors {row['peak_gb']:6.2f} GB  device {row.get('device_gb') or 0:6.2f} GB  ({row['cpu_seconds']:.0f}s cpu)")
     return rows
 
 
-def simulated_max_frames(args, dit, mem, budget: float, sim: dict):
-    """(frames, report, traced): the longest fit by bisecting a two-trace frame sweep, then checked by a
-    real trace at the answer, whose report is returned.
+def simulate_cell(job) -> dict:
+    """The longest fit of one policy at one SP degree (closed form on a 3-block trace pair), with the GPU
+    terms (vgen/parallel/gpu_memory.py) subtracted from the device budget unless --no-gpu-terms."""
+    from vgen.parallel.gpu_memory import GpuTerms
+    from vgen.parallel.memory_timeline import solve_max_frames
 
-    The lean ops switch to token slices above a fixed size, so a sweep traced at short lengths can model
-    other ops than the answer's length runs; then the sweep is traced again around the answer (up to 3
-    times). `traced` is False if the answer's ops still differ from the sweep's (its peak is then the
-    sweep's estimate).
-    """
-    latent = (args.channels, *args.latent_hw)
-    pair = (8, 16)
-    for _ in range(3):
-        sw = sweep(dit, mem, latent, args.text_len, frames=pair, **sim)
-        frames = bisect_frames(lambda T: sw.evaluate(T).peak_bytes <= budget, 1, args.max_frames)
-        if frames == 0:
-            return 0, sw.evaluate(1), False
-        trace = trace_step(dit, mem, (args.channels, frames, *args.latent_hw), args.text_len, **sim)
-        while frames > 1 and sw.same_ops(trace) and trace.report().peak_bytes > budget:
-            frames -= 1  # the sweep's rounding of uneven slices was a few bytes short
-            trace = trace_step(dit, mem, (args.channels, frames, *args.latent_hw), args.text_len, **sim)
-        if sw.same_ops(trace):
-            return frames, trace.report(), True
-        pair = (max(frames // 2, 1), frames)
-    return frames, sw.evaluate(frames), False
+    args, dit, sp, name = job
+    cpu, start = time.process_time(), time.perf_counter()
+    sim = dict(micro_batch=args.micro_batch, world_size=args.world_size, sp=sp, zero_stage=args.zero_stage,
+               attention_kernel=args.attention_kernel)
+    terms = None if args.no_gpu_terms else GpuTerms(args.profile, world=args.world_size, sp=sp,
+                                                     expandable_segments=args.expandable_segments)
+    mem = memory_policy(name)
+    got = solve_max_frames(dit, mem, (args.channels, *args.latent_hw), args.text_len, args.budget_gb * 1e9,
+                           args.max_frames, terms, frames=tuple(args.trace_frames), **sim)
+    frames, report, device = got["frames"], got["report"], got["device"]
+    row = dict(policy=name, sp=sp, frames=frames, tokens=report.tokens if frames else 0, peak_gb=report.peak_gb,
+               by_category_gb={k: v / 1e9 for k, v in report.by_category.items()}, sp_impl=report.sp_impl,
+               attention=report.attention, lean_ops=got["lean"],
+               device_gb=device["device"] / 1e9 if device else None,
+               gpu_terms_gb={k: v / 1e9 for k, v in device.items()} if device else None)
+    if args.check and sp in args.check and frames:  # the full-depth trace at the answer: the reference
+        full = trace_step(dit, mem, (args.channels, frames, *args.latent_hw), args.text_len, lean=got["lean"], **sim)
+        row["full_depth_peak_gb"] = full.report().peak_gb
+        row["full_depth_rel_error"] = report.peak_bytes / full.report().peak_bytes - 1
+    row.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu)
+    return row
 
 
 # ---------------------------------------------------------------------------- a real device
@@ -395,7 +399,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--world-size", type=int, default=8, help="--simulate: GPUs in the job")
     p.add_argument("--zero-stage", type=int, default=2, help="--simulate: ZeRO stage over all ranks")
-    p.add_argument("--budget-gb", type=float, default=None, help="GB per GPU (--simulate default: 80)")
+    p.add_argument("--budget-gb", type=float, default=None,
+                   help="GB of device memory per GPU (--simulate default: the profile's total, 85 for an H100 80GB); "
+                        "with --no-gpu-terms, GB for the step's tensors alone")
+    p.add_argument("--profile", default=None, help="GPU memory profile JSON (benchmarks/calibrate_memory.py); "
+                   "default $VGEN_GPU_PROFILE, else the stated defaults (vgen/parallel/gpu_memory.py)")
+    p.add_argument("--no-gpu-terms", action="store_true", help="--simulate: budget tensors only (the old table)")
+    p.add_argument("--expandable-segments", action="store_true", help="--simulate: fragmentation as with "
+                   "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    p.add_argument("--jobs", type=int, default=2, help="--simulate: processes (cells run in parallel)")
+    p.add_argument("--trace-frames", type=int, nargs=2, default=(64, 128), help="--simulate: the two traced lengths")
+    p.add_argument("--check", type=int, nargs="*", default=(), help="--simulate: SP degrees whose answers are "
+                   "re-traced at full depth (slow: the reference the 3-block timeline is checked against)")
     p.add_argument("--latent-hw", type=int, nargs=2, default=(90, 160), help="latent height and width")
     p.add_argument("--text-len", type=int, default=226)
     p.add_argument("--micro-batch", type=int, default=1)
@@ -416,11 +431,13 @@ def main(argv=None) -> dict:
                          patch=m.patch, attention=m.attention)
     args.channels = dit.in_channels
     if args.simulate:
-        args.budget_gb = 80.0 if args.budget_gb is None else args.budget_gb
+        args.profile = load_profile(args.profile) if not args.no_gpu_terms else GpuProfile()
+        args.budget_gb = args.profile.total_bytes / 1e9 if args.budget_gb is None else args.budget_gb
         mode = f"sim_{m.preset}_world{args.world_size}"
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         rows = run_simulated(args, dit)
         wall = time.perf_counter() - start
+        args.cpu_seconds = time.process_time() - cpu + sum(r["cpu_seconds"] for r in rows if args.jobs > 1)
     else:
         mode = f"{args.device}_{m.preset}"
         start = time.perf_counter()
@@ -436,7 +453,10 @@ def main(argv=None) -> dict:
                   matmul_peak_tflops=getattr(args, "matmul_peak_tflops", None), wall_seconds=wall)
     if args.simulate:
         result.update(attention_kernel=args.attention_kernel, attention_accounting=ATTENTION_ACCOUNTING[args.attention_kernel],
-                      headline=headline(rows))
+                      headline=headline(rows), cpu_seconds=args.cpu_seconds, jobs=args.jobs,
+                      gpu_terms=None if args.no_gpu_terms else args.profile.to_json(),
+                      expandable_segments=args.expandable_segments, trace_frames=list(args.trace_frames),
+                      budget_meaning="tensors only" if args.no_gpu_terms else "device memory per GPU, GPU terms included")
     result["rows"] = rows
     title = f"{m.preset}, latent {args.latent_hw[0]}x{args.latent_hw[1]}, {mode}"
     if args.simulate:
@@ -446,7 +466,7 @@ def main(argv=None) -> dict:
         result["png"] = note
         print(note)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({wall:.0f}s)")
+    print(f"wrote {out} ({wall:.0f}s wall" + (f", {args.cpu_seconds:.0f}s cpu)" if args.simulate else ")"))
     return result
 
 

@@ -222,6 +222,7 @@ class MemoryConfig:
     offload_keep_last: int = 1
     # share of host RAM the pinned offload arenas of all ranks on a host may take
     offload_host_fraction: float = 0.5
+    gpu_profile: Optional[str] = None  # GPU memory profile JSON (benchmarks/calibrate_memory.py); None: defaults
 
 
 @dataclass

@@ -31,6 +31,7 @@ import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -70,6 +71,7 @@ class MemoryReport:
     zero_stage: int = 2
     sp_impl: str = "none"  # "fake process group" (the real SP wrappers) or "stand-ins"
     attention: str = "native"  # the attention accounting: "flash", "native" or "math"
+    device: dict | None = None  # allocated, reserved and the GPU terms (gpu_memory.GpuTerms.device_bytes)
 
     @property
     def peak_gb(self) -> float:
@@ -82,11 +84,12 @@ class MemoryReport:
 
 
 class _Record:
-    __slots__ = ("nbytes", "start", "end", "phase", "category", "rows")
+    __slots__ = ("nbytes", "start", "end", "phase", "category", "rows", "owner")
 
-    def __init__(self, nbytes, start, phase, category=None):
+    def __init__(self, nbytes, start, phase, category=None, owner=None):
         self.nbytes, self.start, self.end, self.phase, self.category = nbytes, start, None, phase, category
         self.rows = None  # (bytes per row, rows, multiple): a buffer of rows rounded up to a multiple
+        self.owner = owner  # a parameter's block index (it is allocated before the step, at clock 0)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -113,12 +116,20 @@ class StorageTracker(TorchDispatchMode):
         self.flash_workspace = flash_workspace  # charge attention backward FlashAttention-2's workspace
         self.live: dict[int, _Record] = {}
         self.dead: list[_Record] = []
+        # clocks where each block's forward starts (and the last one ends), and where the gradient of
+        # each block's output (then of the first block's input) is ready: the block boundaries that
+        # vgen/parallel/memory_timeline.py cuts the timeline at
+        self.fwd_marks: dict[int, int] = {}
+        self.bwd_marks: dict[int, int] = {}
+        self.bwd_hooked: set[int] = set()
+        self.ops: list[str] = []  # the op at each clock tick, to align blocks whose op sequences differ
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.ignore:
             return out
         self.clock += 1
+        self.ops.append(func.__name__)
         inputs = {storage_key(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and storage_key(t) not in inputs:  # views alias an input
@@ -131,12 +142,12 @@ class StorageTracker(TorchDispatchMode):
             self.dead.append(rec)
         return out
 
-    def register(self, t: torch.Tensor, category: str | None = None) -> None:
+    def register(self, t: torch.Tensor, category: str | None = None, owner: int | None = None) -> None:
         key = storage_key(t)
         if key in self.live:
             return
         storage = t.untyped_storage()
-        self.live[key] = _Record(int(storage.nbytes()), self.clock, self.phase, category)
+        self.live[key] = _Record(int(storage.nbytes()), self.clock, self.phase, category, owner)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -183,6 +194,15 @@ class StepTrace:
     zero_stage: int
     sp_impl: str = "none"
     attention: str = "native"
+    depth: int = 0  # blocks traced
+    fwd_marks: tuple = ()  # clocks: block i's forward starts (i < depth), the last one's ends (i = depth)
+    bwd_marks: tuple = ()  # clocks: gradient of block i's output ready, for i = depth-1 .. 0, then block 0's input
+    end_clock: int = 0
+    lean: str = "real"  # lean-op slicing: "real" (as a run of this length), "long" (sliced) or "short" (not)
+    lean_per_frame: tuple = ()  # (min, max) elements per latent frame of a lean op's input; () when none ran
+    offloaded_bytes: int = 0  # bytes the offloader moved to the host in this step (all traced blocks)
+    block_params: int = 0  # parameters of one block
+    ops: list = None  # the op name at each clock tick (index = clock - 1)
 
     def report(self, sizes=None, frames=None) -> MemoryReport:
         static, param_scale, grad_scale = zero_static_bytes(self.n_params, self.zero_stage, self.world_size)
@@ -222,8 +242,8 @@ class FrameSweep:
     def sizes(self, frames: int) -> list[int]:
         k = frames // self.a.patch_t - self.a.frames // self.a.patch_t
 
-        def at(va, vb):
-            return va + (vb - va) * k // self.span
+        def at(va, vb):  # one trace (span 0) models only its own length
+            return va + (vb - va) * k // self.span if self.span else va
 
         sizes = []
         for ra, rb, sa, sb in zip(self.a.records, self.b.records, self.a.sizes, self.b.sizes):
@@ -247,7 +267,7 @@ class FrameSweep:
 
 def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: int = 1, world_size: int = 1,
                sp: int = 1, zero_stage: int = 2, dtype: torch.dtype = torch.bfloat16, sp_mode: str = "ulysses",
-               attention_kernel: str = "auto") -> StepTrace:
+               attention_kernel: str = "auto", depth: int | None = None, lean: str = "real") -> StepTrace:
     """Run one fake training step (forward and backward) of one rank and record its storages.
 
     Args:
@@ -261,6 +281,10 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
         attention_kernel: "flash" (a GPU's fused kernel and its backward workspace), "native" (the kernel
             torch picks for CPU tensors, as a real CPU run), "math" ((S, S) scores), or "auto": flash for
             bf16/fp16, native otherwise.
+        depth: blocks to build instead of dit.depth (memory_timeline replays a short trace at full depth).
+        lean: lean-op slicing (vgen/models/lean_ops.py): "real" decides by size as a run of this length
+            does; "long" always slices and "short" never does, so that traces of any length run the ops
+            of long (or short) lengths; `lean_per_frame` says from which length a real run agrees.
     """
     if world_size % sp:
         raise ValueError(f"sp degree {sp} must divide world size {world_size}")
@@ -268,9 +292,12 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
     C, T, H, W = tuple(latent_shape) if len(latent_shape) == 4 else (dit.in_channels, *latent_shape)
     dit = replace(dit, in_channels=C)
     world = world_size if sp > 1 else 1
-    with memory_sim_sp.fake_world(world) as real_sp, FakeTensorMode(), attention_context(kernel):
+    dit = dit if depth is None else replace(dit, depth=int(depth))
+    gt, gh, gw = VideoDiT.token_grid(SimpleNamespace(cfg=dit), (T, H, W))
+    local_tokens = gt * gh * gw // sp
+    with memory_sim_sp.fake_world(world) as real_sp, FakeTensorMode(), attention_context(kernel), \
+            lean_slicing(lean, T, [], local_tokens) as lean_seen:
         model = _build(dit, dtype)
-        gt, gh, gw = model.token_grid((T, H, W))
         sp_impl = memory_sim_sp.parallelize_fake(model, sp, sp_mode, real_sp, gt * gh * gw) if sp > 1 else "none"
         if _memory_on(mem):
             apply_memory_policy(model, mem)
@@ -281,9 +308,63 @@ def trace_step(dit: DiTConfig, mem, latent_shape, text_len: int, micro_batch: in
                  torch.ones(micro_batch, text_len, dtype=torch.bool), torch.empty_like(x))
         records, fwd_end = _run_step(model, batch, tracker)
         n_params = sum(p.numel() for p in model.parameters())
+        block_params = sum(p.numel() for p in model.blocks[0].parameters()) if len(model.blocks) else 0
+        offloader = getattr(model, "memory_offloader", None)
     sizes = [r.nbytes for r in records]
+    marks = dict(fwd_marks=tuple(tracker.fwd_marks[i] for i in sorted(tracker.fwd_marks)),
+                 bwd_marks=tuple(tracker.bwd_marks[i] for i in sorted(tracker.bwd_marks, reverse=True)))
     return StepTrace(records, sizes, fwd_end, T, n_params, gh * gw, dit.patch[0], sp, world_size, zero_stage, sp_impl,
-                     kernel)
+                     kernel, dit.depth, end_clock=tracker.clock, lean=lean,
+                     lean_per_frame=(min(lean_seen), max(lean_seen)) if lean_seen else (),
+                     offloaded_bytes=int(getattr(offloader, "offloaded_bytes", 0)), block_params=block_params,
+                     ops=tracker.ops, **marks)
+
+
+@contextlib.contextmanager
+def lean_slicing(mode: str, frames: int, seen: list, local_tokens: int):
+    """Lean ops on the video's tokens slice as at long lengths ("long"), never ("short") or by size
+    ("real"); those on other tokens (text keys) by size, which no length changes. Records each video lean
+    input's elements per latent frame in `seen` (linear in the frame count): where a real run agrees.
+
+    Args:
+        local_tokens: this rank's video tokens, the token count that marks a lean op's input as the video's.
+    """
+    if mode not in ("real", "long", "short"):
+        raise ValueError(f"lean={mode!r} must be 'real', 'long' or 'short'")
+    from vgen.models import lean_ops
+
+    decide = getattr(lean_ops, "token_slices", None)
+    if decide is None:  # lean ops without a size switch: nothing to fix
+        yield seen
+        return
+
+    def token_slices(n: int, numel: int):
+        if n != local_tokens:
+            return decide(n, numel)
+        seen.append(numel / frames)
+        if mode == "real":
+            return decide(n, numel)
+        return lean_ops.even_slices(n, lean_ops.CHUNKS if mode == "long" else 1)
+
+    lean_ops.token_slices = token_slices
+    try:
+        yield seen
+    finally:
+        lean_ops.token_slices = decide
+
+
+def lean_regime_holds(trace: StepTrace, frames: int) -> bool:
+    """Whether a real run at `frames` slices its lean ops as `trace` did (true where no lean op ran)."""
+    if not trace.lean_per_frame:
+        return True
+    from vgen.models.lean_ops import CHUNK_THRESHOLD
+
+    lo, hi = trace.lean_per_frame
+    if trace.lean == "long":
+        return lo * frames > CHUNK_THRESHOLD
+    if trace.lean == "short":
+        return hi * frames <= CHUNK_THRESHOLD
+    return all((n * frames > CHUNK_THRESHOLD) == (n * trace.frames > CHUNK_THRESHOLD) for n in (lo, hi))
 
 
 def simulate(dit: DiTConfig, mem, latent_shape, text_len: int, **kw) -> MemoryReport:
@@ -400,12 +481,46 @@ def _untrack_host_buffers(model, tracker: StorageTracker) -> None:
     offloader.pool.allocate = host_allocate
 
 
+def _mark_blocks(model, tracker: StorageTracker) -> list:
+    """Hooks that record the block boundaries of the step's forward and backward in `tracker`."""
+    blocks, handles = list(model.blocks), []
+
+    def on_grad(index):
+        def hook(grad):
+            tracker.bwd_marks.setdefault(index, tracker.clock)
+        return hook
+
+    def pre(index):
+        def hook(module, args, kwargs):
+            if tracker.phase == "forward" and index not in tracker.fwd_marks:
+                tracker.fwd_marks[index] = tracker.clock
+                if index == 0 and args[0].requires_grad:  # its gradient ends the last block backward
+                    args[0].register_hook(on_grad(-1))
+        return hook
+
+    def post(index):
+        def hook(module, args, kwargs, out):
+            if tracker.phase == "forward" and out.requires_grad and index not in tracker.bwd_hooked:
+                tracker.bwd_hooked.add(index)
+                out.register_hook(on_grad(index))
+                if index == len(blocks) - 1:
+                    tracker.fwd_marks[len(blocks)] = tracker.clock
+        return hook
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+    return handles
+
+
 def _run_step(model, batch, tracker: StorageTracker):
+    owner = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
     for p in model.parameters():
-        tracker.register(p, "parameters")
+        tracker.register(p, "parameters", owner.get(id(p)))
     for t in batch:
         tracker.register(t, "activations")
     x, t, text, mask, target = batch
+    handles = _mark_blocks(model, tracker)
     gc.collect()
     gc.disable()  # frees must follow reference counts, not the collector's timing, to be reproducible
     try:
@@ -417,6 +532,8 @@ def _run_step(model, batch, tracker: StorageTracker):
             del loss
     finally:
         gc.enable()
+        for h in handles:
+            h.remove()
     tracker.closed = True
     for p in model.parameters():
         if p.grad is not None and storage_key(p.grad) in tracker.live:

@@ -79,9 +79,9 @@ class Trainer:
         mem = self.cfg.parallel.memory
         if mem.policy != "auto" and mem.checkpointing != "auto":
             return
-        from vgen.parallel.planner import resolve_memory
+        from vgen.parallel.planner import plan_on_rank0
 
-        plan = resolve_memory(self.cfg, self.task.config_latent_shape(), self.cfg.text.max_length,
+        plan = plan_on_rank0(self.cfg, self.task.config_latent_shape(), self.cfg.text.max_length,
                               self.topo.world_size, text_dim=model.cfg.text_dim, log=self._log)
         mem.merge_with(plan.settings())
         self._log(f"memory plan: {plan.settings()}")
