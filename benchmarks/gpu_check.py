@@ -9,22 +9,24 @@ Stages (each one's failure is recorded in the summary and the next one still run
               the simulator's prediction beside the measured peak (benchmarks/max_seq_len.py's device path)
   throughput  block+offload / block at equal length (steps timed alternately), and block's step time and
               MFU at 3 lengths
-  kernels     Triton kernels vs their PyTorch reference, for each module in kernels/ exposing
-              `kernel_vs_reference(device, dtype) -> dict` (skipped until such modules land)
+  kernels     the Triton kernels in kernels/ against their PyTorch references (fp32 and bf16): output and
+              gradient error against the fp32 reference, time of forward + backward, speed-up
   vae         tiled VAE decode of 81 frames at 720x1280 (benchmarks/vae_memory.py; time, peak)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
-import pkgutil
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
+
+if "--dry-run" in sys.argv[1:]:  # Triton's CPU interpreter must be chosen before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 
@@ -89,19 +91,64 @@ def stage_throughput(args, out: Path) -> dict:
     return dict(matmul_peak_tflops=peak / 1e12, rows=rows, offload_over_block_at_longest=ratio)
 
 
+def _kernel_cases(device: str, dtype: torch.dtype, tiny: bool) -> dict:
+    """name -> (fused, reference, args): the 2b preset's shapes (one rank, 64K tokens) or tiny ones."""
+    from kernels import norm_modulate, qk_norm_rope
+
+    B, N, heads, head_dim = (1, 64, 2, 16) if tiny else (1, 65536, 16, 128)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    angles = torch.rand(N, head_dim // 2, generator=gen).to(device) * 6.28
+    qk = (rand(B, N, heads, head_dim), rand(head_dim), angles.cos(), angles.sin())
+    D = heads * head_dim
+    nm = (rand(B, N, D), rand(B, D), rand(B, D))
+    return {"qk_norm_rope": (qk_norm_rope.fused, qk_norm_rope.reference, qk),
+            "norm_modulate": (norm_modulate.fused, norm_modulate.reference, nm)}
+
+
+def _time_fwd_bwd(fn, args, device: str, repeats: int) -> float:
+    """Median seconds of one forward + backward (CUDA events on a GPU, the wall clock on CPU)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = fn(*args)
+        out.float().sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # the first call compiles
+
+
+def kernel_vs_reference(name: str, device: str, dtype: torch.dtype, tiny: bool) -> dict:
+    """Max abs error of the fused kernel's output and gradients against its PyTorch reference run in
+    fp32, beside the reference's own error in `dtype`, and the time of each (forward + backward)."""
+    fused, reference, args = _kernel_cases(device, dtype, tiny)[name]
+    exact_args = [a.detach().float().requires_grad_(a.requires_grad) for a in args]
+    exact = reference(*exact_args)
+    grad = torch.randn_like(exact)
+    exact_grads = torch.autograd.grad(exact, [a for a in exact_args if a.requires_grad], grad)
+    row = {}
+    for label, fn in (("fused", fused), ("reference", reference)):
+        out = fn(*args)
+        grads = torch.autograd.grad(out, [a for a in args if a.requires_grad], grad.to(out.dtype))
+        row[f"{label}_out_max_abs_err"] = float((out.detach().float() - exact.detach()).abs().max())
+        row[f"{label}_grad_max_abs_err"] = max(float((g.float() - e).abs().max()) for g, e in zip(grads, exact_grads))
+        row[f"{label}_fwd_bwd_s"] = _time_fwd_bwd(fn, args, device, 3 if tiny else 20)
+    row["speedup"] = row["reference_fwd_bwd_s"] / row["fused_fwd_bwd_s"]
+    return row
+
+
 def stage_kernels(args, out: Path) -> dict:
-    try:
-        package = importlib.import_module("kernels")
-    except ImportError as e:
-        return dict(skipped=f"kernels/ not importable: {e}")
+    from kernels import triton_available
+
+    if not triton_available():
+        return dict(skipped="Triton is not importable (pip install triton; TRITON_INTERPRET=1 on CPU)")
     device = "cpu" if args.dry_run else "cuda"
-    results = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
-        fn = getattr(module, "kernel_vs_reference", None)
-        if fn is not None:
-            results[info.name] = {str(dt): fn(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    return results or dict(skipped="no module in kernels/ exposes kernel_vs_reference(device, dtype)")
+    return {name: {str(dt): kernel_vs_reference(name, device, dt, args.dry_run) for dt in (torch.float32, torch.bfloat16)}
+            for name in ("qk_norm_rope", "norm_modulate")}
 
 
 def stage_vae(args, out: Path) -> dict:
