@@ -2,7 +2,6 @@
 launchers: exact resume (one process), dp=2 under deepspeed, and one SP group of 2 ranks under torchrun."""
 
 import json
-import os
 
 import pytest
 
@@ -48,8 +47,6 @@ def test_bucketed_run_resumes_with_bitwise_losses(bucket_set, tmp_path):
     assert "buckets per epoch {'4x12x16': 7, '4x16x8': 3, '1x8x8': 9, 'none': 0}" in proc.stdout
 
 
-@pytest.mark.skipif(not os.environ.get("VGEN_FULL"), reason="~2 min; VGEN_FULL=1 runs it (dp=2 rank slicing is "
-                    "also checked in-process by test_buckets.py)")
 def test_bucketed_run_under_deepspeed_dp2(bucket_set, tmp_path):
     run = tmp_path / "dp2"
     check(launch("deepspeed", COMMON + [f"data.path={bucket_set}", f"run.dir={run}", "train.max_steps=6"]))
