@@ -174,3 +174,14 @@ def test_concurrent_make_demo_builds_one_set(tmp_path):
     samples = _samples(sorted((tmp_path / "demo").glob("demo-*.tar")))
     assert sorted(samples) == [f"{i:06d}" for i in range(96)]
     assert all(set(parts) == {"mp4", "txt", "json"} for parts in samples.values())
+
+
+def test_demo_refuses_to_write_into_a_prepared_folder(tmp_path):
+    """With the default experiment, data.path=MY_SHARDS must not get the demo clips mixed in."""
+    from vgen.data.shards import DataError
+
+    (tmp_path / "index.jsonl").write_text("{}\n")
+    (tmp_path / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="data.make_demo=false"):
+        write_demo_shards(tmp_path, num_clips=4, clips_per_shard=2, num_frames=2, height=8, width=8)
+    assert sorted(p.name for p in tmp_path.glob("*[!k]")) == ["index.jsonl", "shard-000000.tar"]  # nothing written but the lock

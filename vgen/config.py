@@ -286,6 +286,9 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"invalid config override: {err}") from err
+    if cfg.data.val_path is None and cfg.data.make_demo and cfg.data.kind == "videos":
+        # the demo builds its held-out set beside its own shards; a run on its own data names one, or has none
+        cfg.data.val_path = f"{cfg.data.path}_val"
     validate(cfg)
     return cfg
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from vgen.data.shards import DataError
 from vgen.data.video import encode_video
 
 # Off-pure values: full 0/255 channels clip in the YUV round trip and nothing is gained by them.
@@ -205,6 +206,7 @@ def write_demo_shards(out_dir, num_clips: int = 512, clips_per_shard: int = 64, 
         shards = _is_complete(out_dir, params)
         if shards is not None:
             return shards
+        _refuse_foreign_data(out_dir)
         (out_dir / MARKER).unlink(missing_ok=True)
         for stale in out_dir.glob("demo-*.tar"):
             stale.unlink()
@@ -218,6 +220,16 @@ def write_demo_shards(out_dir, num_clips: int = 512, clips_per_shard: int = 64, 
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, out_dir / MARKER)
     return shards
+
+
+def _refuse_foreign_data(out_dir: Path) -> None:
+    """The demo must never write into (and then train on) a user's own shard folder: with the default
+    `experiment=demo`, `data.path=MY_SHARDS` alone would otherwise mix the demo clips into the user's set."""
+    foreign = [p.name for p in out_dir.iterdir() if p.name == "index.jsonl" or
+               (p.suffix == ".tar" and not p.name.startswith("demo-"))]
+    if foreign:
+        raise DataError(f"data.path={out_dir} holds other data ({foreign[0]}, ...): set data.make_demo=false "
+                        "to train on it (data.make_demo=true would write the demo shards there)")
 
 
 VAL_SEED = 1_000_003  # the demo validation set's seed; its clips are redrawn where they equal a training clip
