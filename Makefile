@@ -2,13 +2,15 @@
 #   make demo   create .venv, install, build the demo shards, train on CPU (or GPU), sample, evaluate
 #               (ARGS='run.seed=1' passes overrides to training)
 #   make test   create .venv, install, run the tests
+#   make test-full  the same with the heavy matrices switched on (full elastic and SP-training matrices,
+#               every simulator policy at mid size, truncated-file and frozen-node variants)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-full install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs
+
+test-full: $(STAMP)
+	VGEN_FULL=1 VGEN_SP_TRAIN_FULL=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) runs data_cache
