@@ -72,7 +72,7 @@ def encoded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    return TextEncoder(None, max_length=8)
+    return TextEncoder(None, max_length=8, layers=tuple(load_config([]).text.layers))  # the job's text layers
 
 
 def cfg_for(src, dst, *extra):
