@@ -224,7 +224,7 @@ def test_loader_splits_ranks_and_serves_null_text(encoded, text_encoder):
     assert not keys[0] & keys[1] and keys[0] | keys[1] == {f"{i:06d}" for i in range(16)}
     b = batches[0]
     assert b["latent"].shape == (4, 12, 4, 8, 8) and b["latent"].dtype == torch.float32
-    assert b["text"].shape == (4, 8, 384) and b["text_mask"].shape == (4, 8) and b["text_mask"].dtype == torch.bool
+    assert b["text"].shape == (4, 8, 384 * len(load_config([]).text.layers)) and b["text_mask"].shape == (4, 8) and b["text_mask"].dtype == torch.bool
     assert len(b["caption"]) == 4 and all(" moving " in c for c in b["caption"])
     emb, mask = loader.null_text()
     ref_emb, ref_mask = text_encoder([""])
