@@ -92,7 +92,8 @@ class DiffusionTask:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
         xt = add_noise(x0, noise, t)
         frame_mask = None
-        if model.cfg.cond_channels:  # image-to-video: some samples get their first frame(s), scored on the rest
+        # image-to-video: some samples get their first frame(s), scored on the rest (an image bucket has no rest)
+        if model.cfg.cond_channels and x0.shape[2] > self.cfg.train.i2v_frames:
             given = draw_given(x0.shape[0], gens, self.cfg.train.i2v_prob, self.cfg.train.i2v_frames)
             xt, frame_mask = condition_batch(xt, x0, given)
         pred = engine(xt.to(self.dtype), t, text.to(self.dtype), mask.to(self.device), frame_mask=frame_mask)
