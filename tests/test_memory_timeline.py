@@ -14,7 +14,7 @@ import torch
 from vgen.models.presets import resolve_preset
 from vgen.parallel.gpu_memory import GpuProfile, GpuTerms, communicators, load_profile
 from vgen.parallel.memory_sim import trace_step
-from vgen.parallel.memory_timeline import DepthLayout, DepthSweep, solve_max_frames
+from vgen.parallel.memory_timeline import DepthLayout, DepthSweep, solve_max_frames, trace_blocks
 
 torch.set_num_threads(1)
 FULL = os.environ.get("VGEN_FULL") == "1"
@@ -44,10 +44,13 @@ def events(trace):
 def check_layout(dit, mem, shape, sp):
     kw = dict(micro_batch=1, world_size=2, sp=sp)
     full = trace_step(dit, mem, shape, 6, **kw)
-    short = trace_step(dit, mem, shape, 6, depth=3, **kw)
+    k = trace_blocks(mem, dit.depth)
+    # offload: first, middle, last offloaded, the offload_keep_last blocks kept on the device
+    assert k == (3 + getattr(mem, "offload_keep_last", 1) if mem.offload else 3)
+    short = trace_step(dit, mem, shape, 6, depth=k, **kw)
     layout = DepthLayout(short, dit.depth)
     assert Counter(layout.records()) == events(full)  # every allocation and free, at the same op
-    other = trace_step(dit, mem, (shape[0], shape[1] // 2, *shape[2:]), 6, depth=3, **kw)
+    other = trace_step(dit, mem, (shape[0], shape[1] // 2, *shape[2:]), 6, depth=k, **kw)
     sweep = DepthSweep(other, short, dit.depth)
     assert sweep.evaluate(shape[1]).peak_bytes == full.report().peak_bytes
     assert sweep.evaluate(shape[1]).by_category == full.report().by_category
@@ -57,6 +60,20 @@ def check_layout(dit, mem, shape, sp):
 @pytest.mark.parametrize("sp", [1, 2])
 def test_three_blocks_replay_the_full_depth_tiny(name, sp):
     check_layout(TINY, POLICIES[name], (4, 16, 8, 8), sp)
+
+
+@pytest.mark.parametrize("keep_last", [0, 2])
+def test_three_blocks_replay_the_full_depth_keep_last(keep_last):
+    check_layout(TINY, mem_cfg(checkpointing="block", offload=True, offload_keep_last=keep_last), (4, 16, 8, 8), 1)
+
+
+def test_trace_blocks_roles():
+    assert trace_blocks(None, 6) == 3 and trace_blocks(mem_cfg(), 2) == 2
+    assert trace_blocks(mem_cfg(offload=True, checkpointing="block"), 6) == 4  # offload_keep_last defaults to 1
+    assert trace_blocks(mem_cfg(offload=True, checkpointing="block", offload_keep_last=2), 6) == 5
+    assert trace_blocks(mem_cfg(offload=True, checkpointing="block", offload_keep_last=2), 5) == 5  # all traced
+    assert trace_blocks(mem_cfg(offload=True, checkpointing="block", offload_keep_last=6), 6) == 3  # none offloaded
+    assert trace_blocks(mem_cfg(checkpointing="ratio", ratio=0.5), 8) == 8  # blocks differ: trace them all
 
 
 @pytest.mark.parametrize("name", list(POLICIES) if FULL else ["nested+offload+chunks"])

@@ -4,9 +4,11 @@ A DiT's blocks are identical, so a step's storage timeline is: the stem's forwar
 `depth` times, the head (final layer, loss and its backward), the same block backward `depth` times, the
 stem's backward. `trace_step(..., depth=k)` (vgen/parallel/memory_sim.py) records where those segments
 start (hooks on each block's forward and on the gradient of its output). Here the trace's records are
-cut at the segments and laid out for the full depth: the first and last blocks keep their own records
-(the first backward has no gradient to accumulate yet, the last one feeds the stem; the offloader
-prefetches nothing before the first block), and the middle block is repeated. A record's death is kept
+cut at the segments and laid out for the full depth: the first block and a tail of last blocks keep their
+own records (the first backward has no gradient to accumulate yet, the last one feeds the stem; the
+offloader prefetches nothing before the first block, keeps the last `offload_keep_last` blocks on the
+device and reloads the last offloaded one early: `trace_blocks` says how long the tail is), and the
+middle block is repeated. A record's death is kept
 relative to its birth block (a block's residual dies in the next block's forward, its saved activations
 in its own backward, the gradient it passes down in the block below), so what accumulates over blocks
 (offloaded inputs reloaded, gradients) is replayed, not extrapolated as one number. The result is the
@@ -52,7 +54,8 @@ class DepthLayout:
     """Where each record of a `k`-block trace lands in a `depth`-block step: (source record, start, end).
 
     Args:
-        trace: a trace_step(..., depth=k) with k >= 3 (first, middle, last block).
+        trace: a trace_step(..., depth=k) with k >= 3: the first block, the middle one, and k - 2 tail
+            blocks (k = trace_blocks(mem, depth), or k = depth).
         depth: the model's real depth.
     """
 
@@ -314,21 +317,41 @@ class DepthSweep:
         return good
 
 
-def depth_sweep(dit, mem, latent_chw, text_len: int, frames=(64, 128), blocks: int = 3, lean: str = "long",
+def depth_sweep(dit, mem, latent_chw, text_len: int, frames=(64, 128), blocks: int | None = None, lean: str = "long",
                 **kw) -> DepthSweep:
-    """A DepthSweep of `blocks`-block traces at two frame counts; other arguments as memory_sim.trace_step."""
+    """A DepthSweep of `blocks`-block traces (None: trace_blocks) at two frame counts; other arguments as
+    memory_sim.trace_step."""
     C, H, W = latent_chw
+    blocks = trace_blocks(mem, dit.depth) if blocks is None else blocks
     traces = [trace_step(dit, mem, (C, T, H, W), text_len, depth=min(blocks, dit.depth), lean=lean, **kw)
               for T in frames]
     return DepthSweep(*traces, depth=dit.depth)
 
 
 
-def uniform_blocks(mem, depth: int) -> bool:
-    """Whether every block runs the same memory plan (the layout repeats one block)."""
+def trace_blocks(mem, depth: int) -> int:
+    """How many blocks a trace needs for DepthLayout to lay it out for `depth` (`depth`: trace them all).
+
+    Roles: the first block, one middle block (repeated), and a tail that runs differently. With offload
+    the last `offload_keep_last` blocks stay on the device and the last offloaded block before them is
+    special too (its reload starts at the final block's output gradient, and the second reload buffer is
+    allocated in its backward), so the tail is keep_last + 1 blocks; otherwise the tail is the last block.
+    Every block between the first and the tail must run the middle block's plan, and a trace of that many
+    blocks must plan its blocks as the same roles do at full depth; else every block is traced.
+    """
     from vgen.parallel.checkpointing import block_plans
 
-    return mem is None or len(set(block_plans(mem, depth))) <= 1
+    if mem is None:
+        return min(3, depth)
+    keep = int(getattr(mem, "offload_keep_last", 1)) if bool(getattr(mem, "offload", False)) else 0
+    tail = 1 + keep if 0 < keep < depth else 1
+    k = 2 + tail
+    if k >= depth:
+        return depth
+    full, short = block_plans(mem, depth), block_plans(mem, k)
+    if full[1:depth - tail] != [short[1]] * (depth - 1 - tail) or short != full[:2] + full[depth - tail:]:
+        return depth
+    return k
 
 
 def _lean_order(dit, latent_chw, frames: int, micro_batch: int, sp: int) -> tuple:
@@ -344,7 +367,7 @@ def _lean_order(dit, latent_chw, frames: int, micro_batch: int, sp: int) -> tupl
 
 def solve_max_frames(dit, mem, latent_chw, text_len: int, budget: float, max_frames: int, terms=None,
                      frames=(64, 128), **kw) -> dict:
-    """The longest latent frame count whose step fits `budget` bytes per GPU, from 3-block traces.
+    """The longest latent frame count whose step fits `budget` bytes per GPU, from short traces (trace_blocks).
 
     Args:
         terms: a gpu_memory.GpuTerms (its n_params is set here): the budget then holds the device total
@@ -355,7 +378,7 @@ def solve_max_frames(dit, mem, latent_chw, text_len: int, budget: float, max_fra
     Returns:
         dict(frames, report (MemoryReport at the answer), device (dict of GPU terms or None), sweep, lean).
     """
-    blocks = 3 if uniform_blocks(mem, dit.depth) else dit.depth
+    blocks = trace_blocks(mem, dit.depth)
     answer = None
     for lean in _lean_order(dit, latent_chw, frames[1], kw.get("micro_batch", 1), kw.get("sp", 1)):
         sw = depth_sweep(dit, mem, latent_chw, text_len, frames=frames, blocks=blocks, lean=lean, **kw)

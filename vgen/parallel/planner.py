@@ -9,7 +9,7 @@ Offload without checkpointing is refused: it would move every saved activation o
 times a block's input) over PCIe, which no block's compute hides, to save what checkpointing saves with
 recomputation on the GPU. The budget is device memory per GPU, minus the GPU terms (context, NCCL, EMA,
 fragmentation, offload pool). The first candidate whose simulated device total fits wins; each one tried is
-reported, so the choice can be checked by hand. Simulation: 3-block traces (memory_timeline), once, on
+reported, so the choice can be checked by hand. Simulation: short traces (memory_timeline), once, on
 rank 0 (`plan_on_rank0` broadcasts the plan).
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from vgen.parallel.gpu_memory import GpuTerms, load_profile
 from vgen.parallel.memory_sim import MemoryReport
 from vgen.parallel.memory_sim import trace_step
-from vgen.parallel.memory_timeline import DepthSweep, uniform_blocks
+from vgen.parallel.memory_timeline import DepthSweep, trace_blocks
 
 # (name, settings, estimated extra cost as a fraction of a step). Selective recomputes only pointwise
 # ops (~3% of a block's time); adding the MLP's two matmuls recomputes ~8/26 of its linear FLOPs.
@@ -67,6 +67,7 @@ class MemoryPlan:
     mlp_chunks: int = 1
     recompute_mlp: bool = False
     offload_min_bytes: int = 1 << 20
+    offload_keep_last: int = 1  # copied from the config (not chosen): the simulation offloads the same blocks
     policy: str = "auto"
     budget_gb: Optional[float] = None
     name: str = "none"
@@ -111,11 +112,12 @@ def plan_memory(cfg, latent_shape, text_len: int, world_size: int, text_dim: Opt
     why, smallest = [], None
     for name, settings, cost in CANDIDATES:
         min_bytes = int(getattr(mem, "offload_min_bytes", 1 << 20))
-        plan = MemoryPlan(budget_gb=budget, name=name, offload_min_bytes=min_bytes, **settings)
-        blocks = 3 if uniform_blocks(plan, dit.depth) else dit.depth
-        # one trace of 3 blocks (or of every block for a non-uniform policy) at the training length, laid
-        # out for the full depth
-        trace = trace_step(dit, plan, latent_shape, text_len, depth=min(blocks, dit.depth), **sim)
+        keep_last = int(getattr(mem, "offload_keep_last", 1))
+        plan = MemoryPlan(budget_gb=budget, name=name, offload_min_bytes=min_bytes, offload_keep_last=keep_last,
+                          **settings)
+        # one trace of a few blocks (first, middle, the offloader's tail; every block for a non-uniform
+        # policy) at the training length, laid out for the full depth
+        trace = trace_step(dit, plan, latent_shape, text_len, depth=trace_blocks(plan, dit.depth), **sim)
         sw = DepthSweep(trace, trace, dit.depth)
         report = sw.evaluate(T)
         terms = GpuTerms(profile, world=world_size, sp=sim["sp"], n_params=sw.n_params,
