@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 import vgen.models.dit as dit
 from vgen.models.presets import resolve_preset
+from vgen.models.pos_embed import sincos_pos_embed
+from vgen.models.rope import rope_tables
 from vgen.parallel.comm import shard_plan
 from vgen.parallel.offload import storage_key
 from vgen.parallel.sequence import SequenceGather, SequenceSplit
@@ -75,8 +77,8 @@ def _measure(monkeypatch, grid, mode, rank, abs_pos):
 
     rec, embed = _Allocations(), {}
     monkeypatch.setattr(model, "patchify", _windowed(model.patchify, rec, "patchify"))
-    monkeypatch.setattr(dit, "rope_tables", _windowed(dit.rope_tables, rec, "rope"))
-    monkeypatch.setattr(dit, "sincos_pos_embed", _windowed(dit.sincos_pos_embed, rec, "pos"))
+    monkeypatch.setattr(dit, "rope_tables", _windowed(rope_tables, rec, "rope"))
+    monkeypatch.setattr(dit, "sincos_pos_embed", _windowed(sincos_pos_embed, rec, "pos"))
 
     def on_embed(module, inputs, out):
         embed["embed"] = out.untyped_storage().nbytes()  # storage ids are reused once freed: keep the bytes
