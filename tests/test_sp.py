@@ -192,7 +192,8 @@ def test_selective_checkpointing_sends_nothing_twice(results, mode):
 @pytest.mark.slow
 def test_stem_is_local(results):
     """Patch-embedding output, its gradient and the RoPE tables hold this rank's tokens only: N/sp rows
-    (rounded up to a token, or to a frame for switch), never N."""
+    (rounded up to a token, or to a frame for switch), never N. Shapes only; tests/test_sp_stem.py measures
+    the bytes every op of the stem allocates."""
     import math
 
     from vgen.parallel.comm import shard_plan
