@@ -14,7 +14,7 @@ three timed steps at the longest fit. Weights are bf16 with an fp32 master copy 
 the fp32 copy: the bytes of DeepSpeed's bf16 optimizer at ZeRO-0 on one GPU. MFU counts model FLOPs
 (model.flops_per_sample: forward + backward, attention included, recomputation not) over this GPU's
 bf16 matmul peak measured here (8192^3 matmuls). With --budget-gb a step over the budget counts as a
-failure (the only failure a CPU run has). --simulate solves the longest fit in closed form on a 3-block
+failure (the only failure a CPU run has). --simulate solves the longest fit in closed form on a few-block
 trace pair laid out for the full depth (vgen/parallel/memory_timeline.py), with what a GPU holds beyond
 tensors subtracted from --budget-gb (vgen/parallel/gpu_memory.py; --no-gpu-terms: tensors only), for every
 SP degree dividing --world-size, ZeRO --zero-stage, cells in --jobs processes,
@@ -100,7 +100,7 @@ def bisect_frames(fits, lo: int, hi: int, guess: int | None = None) -> int:
 
 
 def run_simulated(args, dit) -> list[dict]:
-    """Every (SP degree, policy) cell, spread over --jobs processes (each cell traces 3 blocks twice)."""
+    """Every (SP degree, policy) cell, spread over --jobs processes (each cell traces 3 blocks, or 3 + offload_keep_last with offload, twice)."""
     degrees = [d for d in (1, 2, 4, 8, 16, 32, 64) if args.world_size % d == 0 and dit.heads % d == 0]
     cells = [(sp, name) for sp in degrees for name in args.policies]
     if args.jobs > 1 and len(cells) > 1:
@@ -118,7 +118,7 @@ def run_simulated(args, dit) -> list[dict]:
 
 
 def simulate_cell(job) -> dict:
-    """The longest fit of one policy at one SP degree (closed form on a 3-block trace pair), with the GPU
+    """The longest fit of one policy at one SP degree (closed form on a few-block trace pair), with the GPU
     terms (vgen/parallel/gpu_memory.py) subtracted from the device budget unless --no-gpu-terms."""
     from vgen.parallel.gpu_memory import GpuTerms
     from vgen.parallel.memory_timeline import solve_max_frames
@@ -410,7 +410,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="--simulate: processes (cells run in parallel)")
     p.add_argument("--trace-frames", type=int, nargs=2, default=(64, 128), help="--simulate: the two traced lengths")
     p.add_argument("--check", type=int, nargs="*", default=(), help="--simulate: SP degrees whose answers are "
-                   "re-traced at full depth (slow: the reference the 3-block timeline is checked against)")
+                   "re-traced at full depth (slow: the reference the few-block timeline is checked against)")
     p.add_argument("--latent-hw", type=int, nargs=2, default=(90, 160), help="latent height and width")
     p.add_argument("--text-len", type=int, default=226)
     p.add_argument("--micro-batch", type=int, default=1)
