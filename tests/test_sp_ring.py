@@ -252,3 +252,60 @@ def test_next_transfer_posted_before_current_chunk_computes(monkeypatch):
     kv, kvb, dkv, K = "kv temporal/fwd", "kv temporal/bwd", "dkv temporal/bwd", "kernel"
     # own chunk, steps 1, 2, 3 (the last two computes are adjacent: nothing left to post between them)
     assert runs == [kv, K, kv, K, kv, K] + [kvb, K, kvb, K, dkv, kvb, K, dkv, K, dkv], runs
+
+
+@pytest.mark.parametrize("policy", ["selective", "block"])
+def test_selective_recomputation_reuses_the_ring_result(monkeypatch, policy):
+    """Under selective checkpointing the block's recomputation takes the ring's (out, lse) from the
+    checkpoint's storage and runs no ring forward (so sends no K/V); `block` runs it again. A fused kernel
+    after the ring (the same op the ring calls inside) still gets its own cached output, and gradients
+    match the plain run. A forward without backward frees what was kept with its graph. One ring position,
+    so no process group is needed; the bytes on 2 and 4 ranks: tests/test_sp.py::test_selective_checkpointing_sends_nothing_twice."""
+    import functools
+    import gc
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from vgen.models.attention import AttentionCore
+    from vgen.parallel import ring
+    from vgen.parallel.checkpointing import _SelectivePolicy
+
+    runs, kept = [], []
+    ring_forward = ring._ring_forward
+
+    def counting(*args):
+        runs.append("recompute" if torch._C._current_graph_task_id() != -1 else "forward")
+        out, lse = ring_forward(*args)
+        kept.append(weakref.ref(lse))
+        return out, lse
+
+    monkeypatch.setattr(ring, "_ring_forward", counting)
+    grid = (2, 3, 4)
+    core, after = ring.RingCore(AttentionCore("spatial"), ring.RingSpec((0,), 0)), AttentionCore("temporal")
+
+    def block(x, k, v):
+        return after(core(x.sin(), k, v, grid) * 2, k, v, grid).cos()
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 24, 2, 8, generator=g, requires_grad=True) for _ in range(3)]
+    ref = block(*inputs)
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+    extra = {}
+    if policy == "selective":
+        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _SelectivePolicy(False, False))
+    runs.clear()
+    out = checkpoint(block, *inputs, use_reentrant=False, **extra)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert runs == (["forward"] if policy == "selective" else ["forward", "recompute"])
+    assert float((out - ref).detach().abs().max()) <= 1e-6 * float(ref.detach().abs().max())
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+
+    kept.clear()
+    out = checkpoint(block, *inputs, use_reentrant=False, **extra)  # no backward
+    del out
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept)
+    with torch.no_grad():
+        checkpoint(block, *inputs, use_reentrant=False, **extra)

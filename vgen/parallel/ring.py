@@ -18,6 +18,7 @@ each chunk every position needs and the batched kernel calls ("pieces") of each 
     groups both hold: one kernel call batched over those groups. Summed over pieces and chunk pairs this is
     exactly the grouped attention's work, and no score matrix exists outside the kernel.
 Partial outputs are merged with their log-sum-exp in fp32; the saved output is in the model's dtype.
+Under selective checkpointing the block's recomputation does not run the ring again: see `_SacStash`.
 Backward re-sends the K/V, runs each piece's kernel backward with the final (merged) output and LSE, and
 sends each partial dK/dV (model dtype) straight back to the chunk's owner, which sums them in fp32.
 """
@@ -25,12 +26,14 @@ sends each partial dK/dV (model dtype) straight back to the chunk's owner, which
 from __future__ import annotations
 
 import functools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 
 from vgen.models.attention import AttentionCore
 from vgen.parallel.comm import COUNTER, nbytes
@@ -233,52 +236,113 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, 1)  # (B, G, L, ...) -> (B*G, L, ...): the kernel's batch of groups
 
 
+def _forward_label(kind: str) -> str:
+    """comm.py's labels: a forward transfer made again inside backward (checkpoint recomputation) is
+    "/recompute", so the re-sent bytes are counted apart from the forward's."""
+    return f"{kind}/fwd" if torch._C._current_graph_task_id() == -1 else f"{kind}/recompute"
+
+
+class _SacStash:
+    """Static helpers that keep the ring's (out, lse) for the recomputation of a selectively checkpointed block.
+
+    Selective checkpointing (vgen/parallel/checkpointing.py) keeps per-op outputs in a storage shared by
+    torch's two dispatch modes of one checkpoint call: _CachingTorchDispatchMode (forward) and
+    _CachedTorchDispatchMode (recomputation). The ring's P2P are not functional ops the policy could keep,
+    so the whole ring call runs with that mode popped (none of its ops enter the per-op cache, whose
+    counters must match between forward and recomputation), and its result goes into the same storage
+    under this core's own key: the recomputation takes it from there instead of sending K/V again. The
+    storage lives and dies with the checkpoint's graph, so a forward without backward leaks nothing. Any
+    other situation (no selective checkpoint, another dispatch mode on top, no grad, an entry already
+    taken) runs the ring as usual."""
+
+    @staticmethod
+    def mode():
+        """The selective checkpoint's dispatch mode when it is the innermost one and grad is on, or None."""
+        mode = _get_current_dispatch_mode()
+        name = type(mode).__name__
+        ok = name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode") and hasattr(mode, "storage")
+        return mode if ok and torch.is_grad_enabled() else None
+
+    @staticmethod
+    def run(core: nn.Module, mode, q, k, v, spec, kind, grid):
+        key = ("vgen.parallel.ring", id(core))  # one queue per core (per block) in the checkpoint's storage
+        entries = mode.storage.get(key)  # (out, lse) of this core's calls, in forward order
+        if type(mode).__name__ == "_CachingTorchDispatchMode":
+            if entries is None:
+                mode.storage[key] = entries = deque()
+            box = {}
+            with _pop_mode_temporarily():
+                out = RingAttention.apply(q, k, v, spec, kind, grid, box)
+            entries.append(box["kept"])
+            return out
+        kept = entries.popleft() if entries else None
+        with _pop_mode_temporarily():
+            return RingAttention.apply(q, k, v, spec, kind, grid, {"reuse": kept} if kept else None)
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec, kind: str, grid):
-        # q, k, v: (B, C, h, d), the token chunk `spec.index`; K/V travel in the model's dtype
-        B, C, h, d = q.shape
-        plan = ring_plan(kind, tuple(grid), C, spec.size, spec.index)
-        out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)  # fp32 merge
-        lse = torch.full((B, C, h), float("-inf"), dtype=_acc_dtype(q), device=q.device)
-        for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, f"{kind}/fwd"):
-            for pc in plan.pieces[spec.index if step is None else step.recv[0]] if kv is not None else ():
-                qp = _groups(_take(q, pc.q, plan.base, kind, pc.g0, pc.g1))
-                kp, vp = (_groups(_take(t, pc.k, base, kind, pc.g0, pc.g1)) for t in kv)
-                o, l = attention_forward(qp, kp, vp, d**-0.5)  # (B*G, Lq, h, d), (B*G, h, Lq)
-                _merge(_take(out, pc.q, plan.base, kind, pc.g0, pc.g1), _take(lse, pc.q, plan.base, kind, pc.g0, pc.g1),
-                       o.to(out.dtype).unflatten(0, (B, -1)), l.transpose(1, 2).unflatten(0, (B, -1)))
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, spec: RingSpec, kind: str, grid, box=None):
+        # q, k, v: (B, C, h, d), the token chunk `spec.index`; K/V travel in the model's dtype.
+        # box (optional, _SacStash): {"reuse": (out, lse)} skips the computation; otherwise "kept" is set
         ctx.spec, ctx.kind, ctx.grid = spec, kind, tuple(grid)
+        if box is not None and "reuse" in box:
+            out, lse = box["reuse"]
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out.detach()  # a fresh alias: autograd marks the output, not the kept tensor
+        out, lse = _ring_forward(q, k, v, spec, kind, grid)
+        ctx.save_for_backward(q, k, v, out, lse)
+        if box is not None:
+            box["kept"] = (out.detach(), lse)
         return out  # (B, C, h, d)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        spec, kind = ctx.spec, ctx.kind
-        plan = ring_plan(kind, ctx.grid, q.shape[1], spec.size, spec.index)
-        dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
-        dkv = torch.zeros((2, *k.shape), dtype=_acc_dtype(q), device=q.device)  # own chunk's dK/dV, summed here
-        returning = []  # (works, buffer, token start) of partial dK/dV of own tokens coming back
-        label = f"{kind}/bwd"
-        for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, label):
-            sends, recvs = [], []
-            if kv is not None:
-                part = dkv if step is None else torch.zeros(kv.shape, dtype=dkv.dtype, device=q.device)
-                src = spec.index if step is None else step.recv[0]
-                _piece_grads(plan, kind, plan.pieces[src], (grad, q, out, lse), kv, base, dq, part)
-                if step is not None:
-                    sends.append((src, part.to(k.dtype)))  # the owner sums the partials in fp32
-            if step is not None and step.send is not None:
-                peer, lo, hi = step.send
-                recvs.append((peer, k.new_empty(2, k.shape[0], hi - lo, *k.shape[2:])))
-            works = _post(sends, recvs, spec, label, DKV_TAG)
-            _drain(returning, dkv, plan.base)  # the previous step's partials: one step behind
-            returning.append((works, recvs[0][1] if recvs else None, step.send[1] if recvs else None))
-        _drain(returning, dkv, plan.base)
-        dk, dv = dkv.to(k.dtype).unbind(0)
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return (*_ring_backward(ctx, grad), None, None, None, None)
+
+
+def _ring_forward(q, k, v, spec: RingSpec, kind: str, grid):
+    """The ring's (out in q's dtype, lse in fp32) of chunk `spec.index`."""
+    B, C, h, d = q.shape
+    plan = ring_plan(kind, tuple(grid), C, spec.size, spec.index)
+    out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)  # fp32 merge
+    lse = torch.full((B, C, h), float("-inf"), dtype=_acc_dtype(q), device=q.device)
+    for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, _forward_label(kind)):
+        for pc in plan.pieces[spec.index if step is None else step.recv[0]] if kv is not None else ():
+            qp = _groups(_take(q, pc.q, plan.base, kind, pc.g0, pc.g1))
+            kp, vp = (_groups(_take(t, pc.k, base, kind, pc.g0, pc.g1)) for t in kv)
+            o, l = attention_forward(qp, kp, vp, d**-0.5)  # (B*G, Lq, h, d), (B*G, h, Lq)
+            _merge(_take(out, pc.q, plan.base, kind, pc.g0, pc.g1), _take(lse, pc.q, plan.base, kind, pc.g0, pc.g1),
+                   o.to(out.dtype).unflatten(0, (B, -1)), l.transpose(1, 2).unflatten(0, (B, -1)))
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(ctx, grad):
+    """(dq, dk, dv) of RingAttention."""
+    q, k, v, out, lse = ctx.saved_tensors
+    spec, kind = ctx.spec, ctx.kind
+    plan = ring_plan(kind, ctx.grid, q.shape[1], spec.size, spec.index)
+    dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
+    dkv = torch.zeros((2, *k.shape), dtype=_acc_dtype(q), device=q.device)  # own chunk's dK/dV, summed here
+    returning = []  # (works, buffer, token start) of partial dK/dV of own tokens coming back
+    label = f"{kind}/bwd"
+    for step, base, kv in _incoming(torch.stack([k, v]), plan, spec, label):
+        sends, recvs = [], []
+        if kv is not None:
+            part = dkv if step is None else torch.zeros(kv.shape, dtype=dkv.dtype, device=q.device)
+            src = spec.index if step is None else step.recv[0]
+            _piece_grads(plan, kind, plan.pieces[src], (grad, q, out, lse), kv, base, dq, part)
+            if step is not None:
+                sends.append((src, part.to(k.dtype)))  # the owner sums the partials in fp32
+        if step is not None and step.send is not None:
+            peer, lo, hi = step.send
+            recvs.append((peer, k.new_empty(2, k.shape[0], hi - lo, *k.shape[2:])))
+        works = _post(sends, recvs, spec, label, DKV_TAG)
+        _drain(returning, dkv, plan.base)  # the previous step's partials: one step behind
+        returning.append((works, recvs[0][1] if recvs else None, step.send[1] if recvs else None))
+    _drain(returning, dkv, plan.base)
+    dk, dv = dkv.to(k.dtype).unbind(0)
+    return dq.to(q.dtype), dk, dv
 
 
 def _piece_grads(plan, kind, pieces, q_side, kv, base, dq, dkv) -> None:
@@ -325,7 +389,11 @@ class RingCore(nn.Module):
             return self.local(q, k, v, grid, kv_mask=kv_mask)  # exact without communication
         if self.ulysses_group is not None:
             q, k, v = seq_to_heads(q, k, v, self.ulysses_group, self.kind).unbind(0)  # (B, u*N_local, h/u, d)
-        out = RingAttention.apply(q, k, v, self.spec, self.kind, tuple(grid))
+        mode = _SacStash.mode()  # selective checkpointing: the recomputation reuses the forward's result
+        if mode is None:
+            out = RingAttention.apply(q, k, v, self.spec, self.kind, tuple(grid))
+        else:
+            out = _SacStash.run(self, mode, q, k, v, self.spec, self.kind, tuple(grid))
         if self.ulysses_group is not None:
             out = heads_to_seq(out, self.ulysses_group, self.kind)  # (B, N_local, h, d)
         return out
