@@ -1,6 +1,6 @@
 """Fault campaign: kill a 2-rank `deepspeed` training run at seeded random moments, resume, compare losses.
 
-    python benchmarks/fault_campaign.py                      # 20 SIGKILL + 3+1 SIGTERM, writes the JSON below
+    python benchmarks/fault_campaign.py                      # 20 SIGKILL + 3+4 SIGTERM, writes the JSON below
     python benchmarks/fault_campaign.py --kills 6 --terms 1 --out /tmp/fc.json    # a quick one
     python benchmarks/fault_campaign.py --only sigterm       # the SIGTERM points alone, merged into the JSON
 
@@ -115,7 +115,10 @@ def chains(points: list[dict], per_chain: int) -> list[list[dict]]:
         while fixed:
             chain, last = [], 0
             for p in list(fixed):
-                if p["step"] > last and len(chain) < per_chain:
+                # a shutdown point also fires in a resume that has nothing left to train: they can follow
+                # one another at the last step
+                follows = p["step"] > last or (p["kind"] == "sigterm_shutdown" and p["step"] == last)
+                if follows and len(chain) < per_chain:
                     chain.append(p)
                     fixed.remove(p)
                     last = stops_at(p)
@@ -214,7 +217,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--terms", type=int, default=3, help="SIGTERMs mid-training")
-    p.add_argument("--shutdown-terms", type=int, default=1, help="SIGTERMs after the last checkpoint")
+    p.add_argument("--shutdown-terms", type=int, default=4, help="SIGTERMs after the last checkpoint")
     p.add_argument("--only", choices=["all", "sigkill", "sigterm"], default="all",
                    help="run one part; its records replace that part's in --out, the other part's are kept")
     p.add_argument("--seed", type=int, default=0)
@@ -308,7 +311,9 @@ def write(args, run: dict, start: float, records: list[dict], chains_left: int) 
     runs = [r for r in prev["runs"] if any(k["run"] == r["id"] for k in kept + replaced + prev["superseded"])] + [run]
     all_records = kept + records
     same = all(r["reference_losses"] == run["reference_losses"] for r in runs)
-    result = {"summary": {**summarize(all_records), "reference_losses_bitwise_equal_across_runs": same},
+    note = ("each record is compared, bitwise, with the uninterrupted reference run of its own campaign run "
+            "(same commit); references of runs at different commits differ where the training code changed")
+    result = {"summary": {**summarize(all_records), "reference_losses_bitwise_equal_across_runs": same}, "note": note,
               "runs": runs, "reference_losses": run["reference_losses"], "kills": all_records,
               "superseded": prev["superseded"] + [{**r, "superseded_by": run["id"]} for r in replaced]}
     path.parent.mkdir(parents=True, exist_ok=True)
