@@ -9,9 +9,12 @@
 Re-running the same command with the same run.dir resumes from its newest complete checkpoint, also on
 another number of GPUs or sequence-parallel degree (same global batch). Exit status: 2 bad input, 3 a
 checkpoint could not be saved (the previous one is kept), 4 a collective failed (a rank or node died).
+SIGTERM (preemption) checkpoints at the next step boundary and exits 0; one that arrives after the last
+checkpoint, during the shutdown, is logged and the shutdown finishes normally (exit 0).
 """
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,13 +24,13 @@ from launch.common import hydra_overrides, run_cli  # noqa: E402
 
 def main() -> None:
     from vgen.config import load_config
-    from vgen.train.durable import SaveError
+    from vgen.train.durable import SaveError, fault_point
     from vgen.train.setup import is_collective_failure
     from vgen.train.trainer import run_training
 
     cfg = load_config(hydra_overrides(sys.argv[1:]))
     try:
-        run_training(cfg)
+        step = run_training(cfg)
     except SaveError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         os._exit(3)  # skip interpreter teardown: other ranks may be gone, and gloo threads can abort on it
@@ -38,6 +41,10 @@ def main() -> None:
               f"not answer within train.collective_timeout_s={cfg.train.collective_timeout_s:g} ({err})",
               file=sys.stderr, flush=True)
         os._exit(4)
+    fault_point("exit", step)
+    # interpreter teardown puts Python's SIGTERM handler back to the default (killed, status -15) while the
+    # process is only exiting: ignore the signal for that last stretch, everything is saved and closed
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

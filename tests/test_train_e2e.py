@@ -125,3 +125,35 @@ def test_nested_offload_trains_like_plain(tmp_path, shards, stage, chunks):
     assert len({a[1], a[2], a[3]}) == 3  # the weights moved
     for step in (1, 2, 3):
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_sigterm_during_shutdown_exits_cleanly(tmp_path, shards):
+    """A preemption signal that lands after the last checkpoint (here: rank 1, just before the shutdown's
+    barrier) is logged and the run still ends with status 0 on both ranks, its checkpoint complete."""
+    run = tmp_path / "run"
+    proc = launch("torchrun", [f"data.path={shards}", f"run.dir={run}", "train.max_steps=2", "checkpoint.every_steps=0"],
+                  extra_env={"VGEN_FAULT_TERM": "shutdown_barrier:2:1"})
+    check(proc)
+    assert "rank 1: SIGTERM during shutdown" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert (run / "checkpoints" / "step00000002" / "meta.json").is_file()
+
+
+def test_sigterm_is_ignored_for_the_interpreter_teardown(monkeypatch):
+    """Python puts its SIGTERM handler back to the default during interpreter teardown, so a SIGTERM there
+    killed a finished rank (status -15, the deepspeed launcher then exits 241): launch/train.py must leave
+    the signal ignored once the run is saved and closed."""
+    import signal
+    import sys
+
+    import launch.train
+    import vgen.train.trainer
+
+    monkeypatch.setattr(vgen.train.trainer, "run_training", lambda cfg: 2)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        launch.train.main()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -98,6 +98,9 @@ def fault_point(name: str, step: int) -> None:
     VGEN_FAULT="<name>:<step>[:<rank>]" SIGKILLs rank <rank> (default 0) when it reaches point `name` at
     `step`; VGEN_FAULT_KILL_IN_CHECKPOINT=<step> is the older spelling of "ckpt_rank_files:<step>".
     VGEN_FAULT_ENOSPC="<name>:<step>[:<rank>]" raises ENOSPC there instead (a full disk, simulated).
+    VGEN_FAULT_TERM="<name>:<step>[:<rank>|all]" sends SIGTERM (a preemption) to that rank, or to every rank
+    with "all", at that exact point: the fault campaign's seeded SIGTERMs, which a wall-clock delay could not
+    place (it often landed after the run's last checkpoint).
     """
     kill = os.environ.get("VGEN_FAULT", "")
     if os.environ.get("VGEN_FAULT_KILL_IN_CHECKPOINT") == str(step):
@@ -106,6 +109,8 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if _matches(os.environ.get("VGEN_FAULT_ENOSPC", ""), name, step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {name}>")
+    if _matches(os.environ.get("VGEN_FAULT_TERM", ""), name, step):
+        os.kill(os.getpid(), signal.SIGTERM)  # from the main thread its handler runs at once: an exact moment
 
 
 def _matches(spec: str, name: str, step: int) -> bool:
@@ -113,4 +118,5 @@ def _matches(spec: str, name: str, step: int) -> bool:
         return False
     parts = spec.split(":")
     rank = int(os.environ.get("RANK", "0"))
-    return parts[0] == name and int(parts[1]) == step and rank == int(parts[2] if len(parts) > 2 else 0)
+    want = parts[2] if len(parts) > 2 else "0"
+    return parts[0] == name and int(parts[1]) == step and (want == "all" or rank == int(want))

@@ -6,6 +6,7 @@ data path, model preset, checkpoint compatibility) is checked before the run dir
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -207,6 +208,9 @@ class Trainer:
             if preempted:
                 self._log(f"stopping at step {self.step} on SIGTERM; re-run the same command to resume")
                 break
+        # the last checkpoint is taken (an async one may still be writing): a SIGTERM from here on has
+        # nothing to save and must not kill a rank while its peer waits in the shutdown's collectives
+        signal.signal(signal.SIGTERM, sigterm_in_shutdown)
         self.ckpt.close()  # waits for an async save in flight and marks it complete
         self.metrics.close()
 
@@ -261,11 +265,24 @@ class Trainer:
         self._log(f"samples written to {out}")
 
 
-def run_training(cfg) -> None:
+def sigterm_in_shutdown(*_) -> None:
+    """SIGTERM after the last checkpoint: say so and finish the shutdown normally (exit status 0)."""
+    rank = os.environ.get("RANK", "0")
+    os.write(2, f"[vgen] rank {rank}: SIGTERM during shutdown, after the last checkpoint; nothing to save, "
+                f"finishing the shutdown\n".encode())  # os.write: a print here could re-enter a print in progress
+
+
+def run_training(cfg) -> int:
+    """Train `cfg` and shut down; returns the step the run stopped at."""
     trainer = Trainer(cfg)
     trainer.train()
+    step = trainer.step
     # leave together and tear the process group down explicitly: a rank still holding gloo threads at
     # interpreter exit can abort ("terminate called without an active exception") after a good run
+    fault_point("shutdown_barrier", step)
     dist.barrier()
+    fault_point("shutdown_loader", step)
     trainer.loader.close(workers=True)
+    fault_point("shutdown_destroy", step)
     dist.destroy_process_group()
+    return step
