@@ -33,7 +33,7 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     e.pop("WANDB_MODE", None)  # log.wandb decides (TINY disables it; never online in tests)
-    for var in ("VGEN_FAULT_KILL_IN_CHECKPOINT", "VGEN_FAULT", "VGEN_FAULT_ENOSPC"):
+    for var in ("VGEN_FAULT_KILL_IN_CHECKPOINT", "VGEN_FAULT", "VGEN_FAULT_ENOSPC", "VGEN_FAULT_TERM", "VGEN_FAULT_CRASH_DECODE"):
         e.pop(var, None)
     return e
 
