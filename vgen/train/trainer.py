@@ -59,7 +59,8 @@ class Trainer:
         self._plan_memory(model)
         parallelize(model, cfg, self.topo)
         # pinned offload memory for the longest latent, before step 1 (a clear error if the host lacks it)
-        reserve_offload_arena(model, self.task.config_latent_shape(), cfg.data.micro_batch, self.topo.sp_size, self.device)
+        if cfg.parallel.memory.offload:
+            reserve_offload_arena(model, self.task.config_latent_shape(), cfg.data.micro_batch, self.topo.sp_size, self.device)
         if self.device.type == "cpu":
             setup.disable_deepspeed_shm_allreduce()
         num_params = sum(p.numel() for p in model.parameters())
