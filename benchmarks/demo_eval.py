@@ -163,15 +163,19 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("colour", "direction", "both", "shape"):
         print(f"  {name + ' accuracy':20s} {result[name + '_accuracy']:.3f}")
     if args.out:
-        command = " ".join(["python", "benchmarks/demo_eval.py", *(sys.argv[1:] if argv is None else argv)])
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-        record = {"command": command, "device": device, "git_commit": _git_commit(), "python": sys.version.split()[0],
-                  "torch": torch.__version__, "av": av.__version__,
-                  "samples": str(args.samples), **result}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.out}")
+        write_record(args.out, "benchmarks/demo_eval.py", argv, {"samples": str(args.samples), **result})
     return result
+
+
+def write_record(out, script: str, argv: list[str] | None, result: dict) -> None:
+    """`result` as JSON at `out`, with the command, device, commit and versions it came from."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    record = {"command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]), "device": device,
+              "git_commit": _git_commit(), "python": sys.version.split()[0], "torch": torch.__version__,
+              "av": av.__version__, **result}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

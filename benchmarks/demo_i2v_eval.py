@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_eval import _git_commit, evaluate  # noqa: E402
+from demo_eval import evaluate, write_record  # noqa: E402
 
 
 def held_out_first_frames(cfg, clips: int):
@@ -90,12 +89,7 @@ def main(argv=None) -> dict:
         print(f"  {name + ' accuracy':20s} {result[name + '_accuracy']:.3f}")
     print(f"contact sheet: {result['contact_sheet']}")
     if args.out:
-        device = f"{platform.machine()} CPU, {os.cpu_count()} cores"
-        record = {"command": " ".join(["python", "benchmarks/demo_i2v_eval.py", *(sys.argv[1:] if argv is None else argv)]),
-                  "device": device, "git_commit": _git_commit(), "torch": torch.__version__, **result}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.out}")
+        write_record(args.out, "benchmarks/demo_i2v_eval.py", argv, result)
     return result
 
 
