@@ -82,9 +82,10 @@ class Ablation:
         self.args = args
         self.ae = PatchAutoencoder((1, 2, 2))
         self.text = TextEncoder(None, 32, layers=(0, -1))
-        self.combos = _combos(args.clips, 0)
+        self.combos = _combos(args.clips, 0)[: args.clips]
+        self.val_combos = _combos(16, 0)[:16]  # the first round of 48 holds each (colour, shape, direction) once
         if args.one_look:
-            self.combos = [("red", "square", c[2]) for c in self.combos]
+            self.combos, self.val_combos = ([("red", "square", c[2]) for c in cs] for cs in (self.combos, self.val_combos))
         clips = [self.render(c, f"0-clip-{i}") for i, c in enumerate(self.combos)]
         self.latents = torch.cat([self.encode(c) for c in clips])  # (N, 12, T, h, w)
         self.captions = [caption(*c) for c in self.combos]
@@ -92,10 +93,13 @@ class Ablation:
                         else eval_prompts(24))
 
     def render(self, combo, key):
+        return self.render_with_meta(combo, key)[0]
+
+    def render_with_meta(self, combo, key):
         a = self.args
         if a.wrap:
-            return render_wrapped(*combo, a.frames, a.size, a.size, random.Random(key), a.speed)[0]
-        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key))[0]
+            return render_wrapped(*combo, a.frames, a.size, a.size, random.Random(key), a.speed)
+        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key))
 
     def encode(self, clip):  # uint8 (T, H, W, 3) -> latent (1, C, T, h, w)
         return self.ae.encode((torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1)[None])
@@ -213,12 +217,49 @@ def evaluate(ab: Ablation, weights) -> dict:
     model.eval()
     out = {"t2v": score(ab, ab.prompts, guided_sample(ab, model, ab.prompts, _noise(ab, 24, 0)))}
     if ab.args.i2v_prob > 0:  # first frames of 16 clips never trained on
-        combos = [ab.combos[i % 48] for i in range(16)]
-        first = torch.cat([ab.encode(ab.render(c, f"val-{i}"))[:, :, :1] for i, c in enumerate(combos)])
-        prompts = [caption(*c) for c in combos]
-        out["i2v"] = score(ab, prompts, guided_sample(ab, model, prompts, _noise(ab, 16, 100), first=first))
+        out["i2v"], out["word_swap"] = i2v_probe(ab, model)
     out["mean_tracks"] = mean_tracks(ab, model)
     return out
+
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def room_ahead(meta, frame: int) -> str:
+    """The direction with the most room ahead of the shape's first position in a square frame: what a model
+    that reads the direction off the start position (the demo clips' shortcut) would pick."""
+    span = frame - meta["size"]
+    room = {"left": meta["x0"], "right": span - meta["x0"], "up": meta["y0"], "down": span - meta["y0"]}
+    return max(room, key=room.get)
+
+
+def i2v_probe(ab: Ablation, model):
+    """Image-to-video from 16 held-out first frames: the scores with the true prompts, and the word-swap
+    probe: the same first frames and noise with the opposite direction word. A model that reads the word
+    moves the other way; one that ignores it gives the same direction for both."""
+    combos = ab.val_combos
+    rendered = [ab.render_with_meta(c, f"val-{i}") for i, c in enumerate(combos)]
+    first = torch.cat([ab.encode(clip)[:, :, :1] for clip, _ in rendered])
+    moved = {}
+    for words in ("true", "opposite"):
+        prompts = [caption(c[0], c[1], c[2] if words == "true" else OPPOSITE[c[2]]) for c in combos]
+        clips = guided_sample(ab, model, prompts, _noise(ab, 16, 100), first=first)
+        moved[words] = [wrapped_direction(c) if ab.args.wrap else classify_clip(c)["direction"] for c in clips]
+        if words == "true":
+            scores = score(ab, prompts, clips)
+    truth = [c[2] for c in combos]
+    swap = {"same_direction_either_word": _share(moved["true"], moved["opposite"]),
+            "true_word_follows_truth": _share(moved["true"], truth),
+            "opposite_word_follows_word": _share(moved["opposite"], [OPPOSITE[d] for d in truth])}
+    if not ab.args.wrap:  # the shortcut exists only in the demo's own clips
+        rule = [room_ahead(meta, ab.args.size) for _, meta in rendered]
+        swap.update({"truth_is_room_ahead": _share(truth, rule), "true_word_follows_room_ahead": _share(moved["true"], rule),
+                     "opposite_word_follows_room_ahead": _share(moved["opposite"], rule)})
+    return scores, swap
+
+
+def _share(a, b) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
 @torch.no_grad()
@@ -233,7 +274,7 @@ def mean_tracks(ab: Ablation, model, t: float = 0.98, samples: int = 64) -> dict
         xt = add_noise(torch.full_like(noise, -0.95), noise, tt)  # a near-black clip at noise level t
         x0 = xt - tt.view(-1, 1, 1, 1, 1) * ab.velocity(model, xt, tt, prompts)
         data = ab.latents[[i for i, c in enumerate(ab.combos) if c[2] == d]]
-        out[d] = {"model": _centroids(ab, x0.mean(0)), "data": _centroids(ab, data.mean(0))}
+        out[d] = {"model": _centroids(ab, x0.mean(0)), "data": _centroids(ab, data.mean(0)) if len(data) else None}
     return out
 
 

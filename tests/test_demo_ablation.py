@@ -30,16 +30,19 @@ def test_wrapped_clips_keep_their_direction_and_start_anywhere(speed):
 
 
 def test_bench_trains_scores_and_probes_reproducibly(tmp_path):
-    args = ["--steps", "2", "--eval-every", "2", "--clips", "8", "--onehot-direction", "--x-prediction",
+    args = ["--steps", "2", "--eval-every", "2", "--clips", "16", "--onehot-direction", "--x-prediction",
             "--save", str(tmp_path / "w.pt"), "--out", str(tmp_path / "r.json")]
     record = ablation.main(args)
     result = record["results"][-1]
     assert set(result["t2v"]) == {"colour", "direction", "shape"} and set(result["i2v"]) == {"colour", "direction", "shape"}
+    swap = result["word_swap"]
+    assert swap["truth_is_room_ahead"] >= 0.5  # the demo clips' shortcut: the start position tells the direction
+    assert all(0.0 <= v <= 1.0 for v in swap.values())
     data = result["mean_tracks"]["left"]["data"]
     assert data[0][0] - data[-1][0] > 5  # the data's "left" clips move ~7 px left over 8 frames
     down = result["mean_tracks"]["down"]["data"]
     assert down[-1][1] - down[0][1] > 5
-    probed = ablation.main(["--probe-only", str(tmp_path / "w.pt"), "--clips", "8", "--onehot-direction", "--x-prediction"])
+    probed = ablation.main(["--probe-only", str(tmp_path / "w.pt"), "--clips", "16", "--onehot-direction", "--x-prediction"])
     assert probed["results"][0]["t2v"] == result["t2v"]
     assert probed["results"][0]["mean_tracks"] == result["mean_tracks"]
     assert (tmp_path / "r.json").is_file()
