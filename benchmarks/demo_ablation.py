@@ -45,6 +45,7 @@ from vgen.diffusion.flow import add_noise, euler_sample, flow_matching_loss, sam
 from vgen.models import build_dit  # noqa: E402
 from vgen.models.autoencoder import PatchAutoencoder  # noqa: E402
 from vgen.models.text_encoder import TextEncoder  # noqa: E402
+from vgen.sample import prompt_noise  # noqa: E402
 from vgen.train.i2v import condition_batch  # noqa: E402
 
 NULL_DIRECTION = len(DIRECTIONS)  # the one-hot id of the empty (unconditional) prompt
@@ -177,12 +178,14 @@ def train(ab: Ablation, model, log):
 
 
 @torch.no_grad()
-def guided_sample(ab: Ablation, model, prompts, noise, **kw):
-    """20 Euler steps with classifier-free guidance (scale --guidance); kw: i2v first frames."""
+def guided_sample(ab: Ablation, model, prompts, noise, first=None):
+    """20 Euler steps with classifier-free guidance (scale --guidance); `first`: image-to-video first latent
+    frames (B, C, 1, h, w). Not vgen.sample.generate: the ablations' velocity needs the prompts themselves
+    (one-hot direction) and may convert an x0 output (x-prediction)."""
     n, keep, frame_mask = len(prompts), None, None
-    if "first" in kw:
+    if first is not None:
         x0 = torch.zeros_like(noise)
-        x0[:, :, :1] = kw["first"]
+        x0[:, :, :1] = first
         noise, frame_mask = condition_batch(noise, x0, torch.ones(n, dtype=torch.long))
         keep = 1 - frame_mask
 
@@ -197,8 +200,7 @@ def guided_sample(ab: Ablation, model, prompts, noise, **kw):
 
 
 def _noise(ab, count, offset):
-    return torch.stack([torch.randn(ab.latents.shape[1:], generator=torch.Generator().manual_seed(offset + i))
-                        for i in range(count)])
+    return torch.stack([prompt_noise(ab.latents.shape[1:], 0, offset + i) for i in range(count)])
 
 
 def score(ab, prompts, clips) -> dict:

@@ -313,7 +313,9 @@ def write(args, run: dict, start: float, records: list[dict], chains_left: int) 
     same = all(r["reference_losses"] == run["reference_losses"] for r in runs)
     note = ("each record is compared, bitwise, with the uninterrupted reference run of its own campaign run "
             "(same commit); references of runs at different commits differ where the training code changed")
-    result = {"summary": {**summarize(all_records), "reference_losses_bitwise_equal_across_runs": same}, "note": note,
+    # the newest run's provenance at the top; every record names its own run in "runs"
+    result = {"device": run["device"], "command": run["command"], "git_commit": run["commit"],
+              "summary": {**summarize(all_records), "reference_losses_bitwise_equal_across_runs": same}, "note": note,
               "runs": runs, "reference_losses": run["reference_losses"], "kills": all_records,
               "superseded": prev["superseded"] + [{**r, "superseded_by": run["id"]} for r in replaced]}
     path.parent.mkdir(parents=True, exist_ok=True)
