@@ -62,6 +62,24 @@ def render_wrapped(colour, shape, direction, frames, height, width, rng, speed=1
     return clip, {"x0": x0, "y0": y0}
 
 
+def render_narrow(colour, shape, direction, frames, side, rng, size=None, across=0):
+    """A demo clip whose across-axis position stays within `across` px of the centre line."""
+    size = size or max(2, round(side / 4))
+    dx, dy = MOTION[direction]
+    travel = frames - 1
+    along = rng.randint(0, side - size - travel) + (travel if dx + dy < 0 else 0)
+    mid = (side - size) // 2
+    cross = rng.randint(max(0, mid - across), min(side - size, mid + across))
+    x0, y0 = (along, cross) if dx else (cross, along)
+    background = rng.randint(0, 16)
+    clip = np.full((frames, side, side, 3), background, dtype=np.uint8)
+    mask = _shape_mask(shape, size)
+    for t in range(frames):
+        x, y = x0 + dx * t, y0 + dy * t
+        clip[t, y:y + size, x:x + size][mask] = COLOURS[colour]
+    return clip, {"x0": x0, "y0": y0, "size": size}
+
+
 def wrapped_direction(frames) -> str | None:
     """Direction of a wrapped clip: the sum of the best circular shifts between consecutive foreground masks
     (a centroid track jumps where the shape wraps)."""
@@ -100,7 +118,9 @@ class Ablation:
         a = self.args
         if a.wrap:
             return render_wrapped(*combo, a.frames, a.size, a.size, random.Random(key), a.speed)
-        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key))
+        if a.across is not None:
+            return render_narrow(*combo, a.frames, a.size, random.Random(key), a.shape_size, a.across)
+        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key), a.shape_size)
 
     def encode(self, clip):  # uint8 (T, H, W, 3) -> latent (1, C, T, h, w)
         return self.ae.encode((torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1)[None])
@@ -115,6 +135,12 @@ class Ablation:
         if a.full_attention:
             for block in model.blocks:
                 block.temporal.core.kind = "full"
+        if a.learned_pos:  # a learned (t, h, w) table beside the sinusoids: joint spacetime patterns in one step
+            tokens = math.prod(model.token_grid(self.latents.shape))
+            model.patch_embed = LearnedTable(model.patch_embed, tokens, a.hidden)
+        if a.pooled_gain != 1.0:  # a stronger text signal in adaLN from the start
+            with torch.no_grad():
+                model.pooled_proj.weight.mul_(a.pooled_gain)
         if a.onehot_direction:  # the direction id joins the pooled text in adaLN
             model.pooled_proj = OneHotDirection(model.pooled_proj, a.hidden)
         return model
@@ -128,6 +154,17 @@ class Ablation:
         if self.args.x_prediction:  # the network's output is x0: v = (xt - x0) / t
             return (xt - out) / t.clamp(min=0.05).view(-1, 1, 1, 1, 1)
         return out
+
+
+class LearnedTable(torch.nn.Module):
+    """patch_embed(x) + a learned per-token-position table (one grid only)."""
+
+    def __init__(self, inner, tokens, hidden):
+        super().__init__()
+        self.inner, self.table = inner, torch.nn.Parameter(torch.randn(tokens, hidden) * 0.5)
+
+    def forward(self, x):
+        return self.inner(x) + self.table
 
 
 class OneHotDirection(torch.nn.Module):
@@ -151,7 +188,7 @@ def train(ab: Ablation, model, log):
         idx = torch.randint(0, len(ab.captions), (a.batch,), generator=g)
         x0 = ab.latents[idx]
         prompts = [ab.captions[i] if torch.rand(1, generator=g) >= 0.1 else "" for i in idx.tolist()]
-        t = sample_timesteps(a.batch, g, 1.0, a.logit_mean, a.logit_std)
+        t = sample_timesteps(a.batch, g, a.train_shift, a.logit_mean, a.logit_std)
         noise = torch.randn(x0.shape, generator=g)
         xt, frame_mask = add_noise(x0, noise, t), None
         if a.i2v_prob > 0:
@@ -195,7 +232,7 @@ def guided_sample(ab: Ablation, model, prompts, noise, first=None):
         v = v_u + ab.args.guidance * (v_c - v_u)
         return v if keep is None else v * keep
 
-    x = euler_sample(velocity, noise, 20)
+    x = euler_sample(velocity, noise, 20, ab.args.sample_shift)
     return ((ab.ae.decode(x).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
 
 
@@ -217,11 +254,23 @@ def evaluate(ab: Ablation, weights) -> dict:
     model = ab.build()
     model.load_state_dict(weights)
     model.eval()
-    out = {"t2v": score(ab, ab.prompts, guided_sample(ab, model, ab.prompts, _noise(ab, 24, 0)))}
+    t2v = guided_sample(ab, model, ab.prompts, _noise(ab, 24, 0))
+    out = {"t2v": score(ab, ab.prompts, t2v), "t2v_motion": motion_stats(t2v)}
     if ab.args.i2v_prob > 0:  # first frames of 16 clips never trained on
         out["i2v"], out["word_swap"] = i2v_probe(ab, model)
+        # text -> first frame -> video: the text-to-video samples' first frames, then image-to-video from them
+        first = torch.cat([ab.encode(clip)[:, :, :1] for clip in t2v])
+        two_stage = guided_sample(ab, model, ab.prompts, _noise(ab, 24, 200), first=first)
+        out["t2v_two_stage"] = score(ab, ab.prompts, two_stage)
     out["mean_tracks"] = mean_tracks(ab, model)
     return out
+
+
+def motion_stats(clips) -> dict:
+    """How the generated shapes move: how many tracks are still (< 1 px), and the mean |dx|+|dy|."""
+    got = [classify_clip(c) for c in clips]
+    return {"still": sum(g["found"] and g["direction"] is None for g in got) / len(got),
+            "mean_travel": float(np.mean([abs(g["dx"]) + abs(g["dy"]) for g in got]))}
 
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -296,10 +345,14 @@ def parse_args(argv):
     add("--steps", type=int, default=1200), add("--batch", type=int, default=8), add("--lr", type=float, default=1e-3)
     add("--clips", type=int, default=512), add("--i2v-prob", type=float, default=0.5)
     add("--ema", type=float, default=0.995), add("--guidance", type=float, default=3.0)
+    add("--across", type=int, default=None, help="across-axis position within this many px of the centre")
+    add("--pooled-gain", type=float, default=1.0)
+    add("--train-shift", type=float, default=1.0), add("--sample-shift", type=float, default=1.0)
     add("--logit-mean", type=float, default=0.0), add("--logit-std", type=float, default=1.0)
     add("--hidden", type=int, default=128), add("--depth", type=int, default=4), add("--model-patch", default="1,2,2")
     add("--frames", type=int, default=8), add("--size", type=int, default=16), add("--speed", type=int, default=1)
-    for flag in ("--onehot-direction", "--wrap", "--one-look", "--full-attention", "--x-prediction"):
+    add("--shape-size", type=int, default=None, help="shape side in pixels (default: a quarter of the frame)")
+    for flag in ("--learned-pos", "--onehot-direction", "--wrap", "--one-look", "--full-attention", "--x-prediction"):
         add(flag, action="store_true")
     add("--eval-every", type=int, default=400), add("--seed", type=int, default=0), add("--threads", type=int, default=1)
     add("--save", help="write the EMA weights here"), add("--probe-only", help="EMA weights to probe; no training")

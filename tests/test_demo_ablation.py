@@ -46,3 +46,19 @@ def test_bench_trains_scores_and_probes_reproducibly(tmp_path):
     assert probed["results"][0]["t2v"] == result["t2v"]
     assert probed["results"][0]["mean_tracks"] == result["mean_tracks"]
     assert (tmp_path / "r.json").is_file()
+
+
+def test_narrow_clips_stay_near_the_centre_line_and_keep_their_direction():
+    for i in range(24):
+        colour, shape, direction = list(COLOURS)[i % 6], SHAPES[i % 2], DIRECTIONS[i % 4]
+        clip, meta = ablation.render_narrow(colour, shape, direction, 8, 16, random.Random(i), size=None, across=1)
+        across = meta["y0"] if direction in ("left", "right") else meta["x0"]
+        assert abs(across - 6) <= 1, (i, meta)  # (16 - 4) // 2 = 6 is the centre line
+        assert ablation.classify_clip(clip)["direction"] == direction
+
+
+def test_motion_stats_tell_still_clips_from_moving_ones():
+    moving, _ = ablation.render_narrow("red", "square", "left", 8, 16, random.Random(0), across=0)
+    still = moving[:1].repeat(8, axis=0)
+    stats = ablation.motion_stats([moving, still])
+    assert stats["still"] == 0.5 and 3.0 < stats["mean_travel"] < 4.0  # (7 + 0) / 2

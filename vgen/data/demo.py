@@ -81,14 +81,14 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 def render_clip(colour: str, shape: str, direction: str, num_frames: int, height: int, width: int,
-                rng: random.Random) -> tuple[np.ndarray, dict]:
+                rng: random.Random, size: int | None = None) -> tuple[np.ndarray, dict]:
     """Draw one clip; returns uint8 (T, H, W, 3) frames and its metadata.
 
     The start position is drawn so the shape stays wholly inside the frame for the whole clip.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames={num_frames}: a moving shape needs at least 2 frames")
-    size = max(2, round(min(height, width) / 4))
+    size = size or max(2, round(min(height, width) / 4))
     dx, dy = MOTION[direction]
     axis_len = width if dx else height
     max_speed = (axis_len - size) // (num_frames - 1)
