@@ -138,6 +138,9 @@ class Ablation:
         if a.learned_pos:  # a learned (t, h, w) table beside the sinusoids: joint spacetime patterns in one step
             tokens = math.prod(model.token_grid(self.latents.shape))
             model.patch_embed = LearnedTable(model.patch_embed, tokens, a.hidden)
+        if a.frozen_text_proj:  # keep the text projection at its random init: words stay as far apart as MiniLM has them
+            for module in (model.text_proj, model.text_norm):
+                module.requires_grad_(False)
         if a.pooled_gain != 1.0:  # a stronger text signal in adaLN from the start
             with torch.no_grad():
                 model.pooled_proj.weight.mul_(a.pooled_gain)
@@ -181,7 +184,7 @@ class OneHotDirection(torch.nn.Module):
 
 def train(ab: Ablation, model, log):
     a, g = ab.args, torch.Generator().manual_seed(ab.args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results = []
     for step in range(1, a.steps + 1):
@@ -352,7 +355,7 @@ def parse_args(argv):
     add("--hidden", type=int, default=128), add("--depth", type=int, default=4), add("--model-patch", default="1,2,2")
     add("--frames", type=int, default=8), add("--size", type=int, default=16), add("--speed", type=int, default=1)
     add("--shape-size", type=int, default=None, help="shape side in pixels (default: a quarter of the frame)")
-    for flag in ("--learned-pos", "--onehot-direction", "--wrap", "--one-look", "--full-attention", "--x-prediction"):
+    for flag in ("--frozen-text-proj", "--learned-pos", "--onehot-direction", "--wrap", "--one-look", "--full-attention", "--x-prediction"):
         add(flag, action="store_true")
     add("--eval-every", type=int, default=400), add("--seed", type=int, default=0), add("--threads", type=int, default=1)
     add("--save", help="write the EMA weights here"), add("--probe-only", help="EMA weights to probe; no training")
