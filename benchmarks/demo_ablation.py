@@ -148,11 +148,15 @@ class Ablation:
             model.pooled_proj = OneHotDirection(model.pooled_proj, a.hidden)
         return model
 
-    def velocity(self, model, xt, t, prompts, **kw):
-        """The model's velocity for prompts (the one-hot ablation reads the direction from them)."""
+    def set_direction_ids(self, model, prompts):
+        """The one-hot ablation reads the direction from the prompts themselves."""
         if self.args.onehot_direction:
             model.pooled_proj.ids = torch.tensor([DIRECTIONS.index(parse_prompt(p)["direction"]) if p else
                                                   NULL_DIRECTION for p in prompts])
+
+    def velocity(self, model, xt, t, prompts, **kw):
+        """The model's velocity for prompts."""
+        self.set_direction_ids(model, prompts)
         out = model(xt, t, *self.text(prompts), **kw)
         if self.args.x_prediction:  # the network's output is x0: v = (xt - x0) / t
             return (xt - out) / t.clamp(min=0.05).view(-1, 1, 1, 1, 1)
@@ -332,6 +336,27 @@ def mean_tracks(ab: Ablation, model, t: float = 0.98, samples: int = 64) -> dict
     return out
 
 
+TEXT_GAP_PROMPTS = ["a red circle moving left", "a red circle moving right", "a blue circle moving left",
+                    "a red square moving left"]
+
+
+@torch.no_grad()
+def text_gaps(ab: Ablation, model) -> dict:
+    """How far apart the DiT's text features keep two prompts that differ in one word (direction, colour,
+    shape): the pooled vector that joins adaLN, and the differing word's own token in the cross-attention
+    context. A projection that learns to drop a word shows it as a gap shrinking with training."""
+    ab.set_direction_ids(model, TEXT_GAP_PROMPTS)
+    ctx, pooled = model.embed_text(*ab.text(TEXT_GAP_PROMPTS))
+    tokens = ab.text.tokenizer(TEXT_GAP_PROMPTS[0])["input_ids"]  # [CLS] a red circle moving left [SEP]
+    word = {"direction": len(tokens) - 2, "colour": 2, "shape": 3}
+    out = {}
+    for other, field in enumerate(("direction", "colour", "shape"), start=1):
+        out[field] = {"pooled": round((pooled[0] - pooled[other]).norm().item(), 3),
+                      "word_token": round((ctx[0, word[field]] - ctx[other, word[field]]).norm().item(), 3)}
+    out["pooled_norm"] = round(pooled[0].norm().item(), 3)
+    return out
+
+
 def _centroids(ab, latent) -> list:
     video = ab.ae.decode(latent[None])[0]  # (3, T, H, W)
     fg = video.max(0).values  # brightest channel: the shape stands out in at least one
@@ -359,6 +384,7 @@ def parse_args(argv):
         add(flag, action="store_true")
     add("--eval-every", type=int, default=400), add("--seed", type=int, default=0), add("--threads", type=int, default=1)
     add("--save", help="write the EMA weights here"), add("--probe-only", help="EMA weights to probe; no training")
+    add("--text-gaps", help="EMA weights whose text-feature gaps to print beside the initial ones; no training")
     add("--out", help="JSON record of the arguments and results")
     return p.parse_args(argv)
 
@@ -369,7 +395,13 @@ def main(argv=None) -> dict:
     start = time.time()
     ab = Ablation(args)
     log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
-    if args.probe_only:
+    if args.text_gaps:  # a few seconds: the text features of initial and saved weights
+        model = ab.build()
+        results = [{"weights": "init", **text_gaps(ab, model)}]
+        model.load_state_dict(torch.load(args.text_gaps))
+        results.append({"weights": args.text_gaps, **text_gaps(ab, model)})
+        log(json.dumps(results))
+    elif args.probe_only:
         results = [evaluate(ab, torch.load(args.probe_only))]
         log(json.dumps(results[-1]))
     else:

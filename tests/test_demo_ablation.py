@@ -46,6 +46,11 @@ def test_bench_trains_scores_and_probes_reproducibly(tmp_path):
     assert probed["results"][0]["t2v"] == result["t2v"]
     assert probed["results"][0]["mean_tracks"] == result["mean_tracks"]
     assert (tmp_path / "r.json").is_file()
+    gaps = ablation.main(["--text-gaps", str(tmp_path / "w.pt"), "--clips", "16", "--onehot-direction", "--x-prediction"])
+    init, trained = gaps["results"]
+    assert init["colour"]["word_token"] > 1.0 and init["direction"]["word_token"] > 1.0  # the words start apart
+    assert init["direction"]["pooled"] > init["colour"]["pooled"]  # the one-hot joins the pooled direction gap
+    assert trained["weights"].endswith("w.pt") and set(trained) == set(init)  # the saved EMA weights, same figures
 
 
 def test_narrow_clips_stay_near_the_centre_line_and_keep_their_direction():
