@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_eval import classify_clip, write_record  # noqa: E402
 from vgen.data.demo import (COLOURS, DIRECTIONS, MOTION, _combos, _shape_mask, caption, eval_prompts,  # noqa: E402
-                            parse_prompt, render_clip)
+                            paint_track, parse_prompt, render_clip)
 from vgen.diffusion.flow import add_noise, euler_sample, flow_matching_loss, sample_timesteps  # noqa: E402
 from vgen.models import build_dit  # noqa: E402
 from vgen.models.autoencoder import PatchAutoencoder  # noqa: E402
@@ -71,12 +71,7 @@ def render_narrow(colour, shape, direction, frames, side, rng, size=None, across
     mid = (side - size) // 2
     cross = rng.randint(max(0, mid - across), min(side - size, mid + across))
     x0, y0 = (along, cross) if dx else (cross, along)
-    background = rng.randint(0, 16)
-    clip = np.full((frames, side, side, 3), background, dtype=np.uint8)
-    mask = _shape_mask(shape, size)
-    for t in range(frames):
-        x, y = x0 + dx * t, y0 + dy * t
-        clip[t, y:y + size, x:x + size][mask] = COLOURS[colour]
+    clip = paint_track(colour, shape, size, (x0, y0), (dx, dy), frames, side, side, rng.randint(0, 16))
     return clip, {"x0": x0, "y0": y0, "size": size}
 
 

@@ -101,14 +101,21 @@ def render_clip(colour: str, shape: str, direction: str, num_frames: int, height
     across = rng.randint(0, (height if dx else width) - size)
     x0, y0 = (along, across) if dx else (across, along)
     background = rng.randint(0, 16)
-    frames = np.full((num_frames, height, width, 3), background, dtype=np.uint8)
-    mask = _shape_mask(shape, size)
-    for t in range(num_frames):
-        x, y = x0 + dx * speed * t, y0 + dy * speed * t
-        frames[t, y:y + size, x:x + size][mask] = COLOURS[colour]
+    frames = paint_track(colour, shape, size, (x0, y0), (dx * speed, dy * speed), num_frames, height, width, background)
     meta = {"colour": colour, "shape": shape, "direction": direction, "speed": speed,
             "x0": x0, "y0": y0, "size": size, "background": background}
     return frames, meta
+
+
+def paint_track(colour: str, shape: str, size: int, start: tuple[int, int], step: tuple[int, int], num_frames: int,
+                height: int, width: int, background: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of one shape moving `step` (dx, dy) pixels per frame from `start` (x, y)."""
+    frames = np.full((num_frames, height, width, 3), background, dtype=np.uint8)
+    mask = _shape_mask(shape, size)
+    for t in range(num_frames):
+        x, y = start[0] + step[0] * t, start[1] + step[1] * t
+        frames[t, y:y + size, x:x + size][mask] = COLOURS[colour]
+    return frames
 
 
 @contextmanager
