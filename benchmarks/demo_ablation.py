@@ -115,7 +115,7 @@ class Ablation:
             return render_wrapped(*combo, a.frames, a.size, a.size, random.Random(key), a.speed)
         if a.across is not None:
             return render_narrow(*combo, a.frames, a.size, random.Random(key), a.shape_size, a.across)
-        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key), a.shape_size)
+        return render_clip(*combo, a.frames, a.size, a.size, random.Random(key), a.shape_size, a.layout)
 
     def encode(self, clip):  # uint8 (T, H, W, 3) -> latent (1, C, T, h, w)
         return self.ae.encode((torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1)[None])
@@ -245,7 +245,7 @@ def _noise(ab, count, offset):
 def score(ab, prompts, clips) -> dict:
     hits = {"colour": 0, "direction": 0, "shape": 0}
     for prompt, clip in zip(prompts, clips):
-        want, got = parse_prompt(prompt), classify_clip(clip)
+        want, got = parse_prompt(prompt), classify_clip(clip, ab.args.shape_size)
         if ab.args.wrap and got["found"]:
             got["direction"] = wrapped_direction(clip)
         hits = {k: v + (got[k] == want[k]) for k, v in hits.items()}
@@ -369,12 +369,14 @@ def parse_args(argv):
     add("--clips", type=int, default=512), add("--i2v-prob", type=float, default=0.5)
     add("--ema", type=float, default=0.995), add("--guidance", type=float, default=3.0)
     add("--across", type=int, default=None, help="across-axis position within this many px of the centre")
+    add("--layout", default="centre", choices=("centre", "inside"),
+        help="the demo clips' layout (vgen.data.demo.render_clip); 'inside' --shape-size 4: the records before it")
     add("--pooled-gain", type=float, default=1.0)
     add("--train-shift", type=float, default=1.0), add("--sample-shift", type=float, default=1.0)
     add("--logit-mean", type=float, default=0.0), add("--logit-std", type=float, default=1.0)
     add("--hidden", type=int, default=128), add("--depth", type=int, default=4), add("--model-patch", default="1,2,2")
     add("--frames", type=int, default=8), add("--size", type=int, default=16), add("--speed", type=int, default=1)
-    add("--shape-size", type=int, default=None, help="shape side in pixels (default: a quarter of the frame)")
+    add("--shape-size", type=int, default=None, help="shape side in pixels (default: 3/8 of the frame)")
     for flag in ("--frozen-text-proj", "--learned-pos", "--onehot-direction", "--wrap", "--one-look", "--full-attention", "--x-prediction"):
         add(flag, action="store_true")
     add("--eval-every", type=int, default=400), add("--seed", type=int, default=0), add("--threads", type=int, default=1)

@@ -36,7 +36,9 @@ def test_bench_trains_scores_and_probes_reproducibly(tmp_path):
     result = record["results"][-1]
     assert set(result["t2v"]) == {"colour", "direction", "shape"} and set(result["i2v"]) == {"colour", "direction", "shape"}
     swap = result["word_swap"]
-    assert swap["truth_is_room_ahead"] >= 0.5  # the demo clips' shortcut: the start position tells the direction
+    # the demo clips start at the centre: the side with more room ahead does not tell the direction (the
+    # "inside" layout before it did for 61% of clips, the shortcut the models took)
+    assert swap["truth_is_room_ahead"] < 0.5
     assert all(0.0 <= v <= 1.0 for v in swap.values())
     data = result["mean_tracks"]["left"]["data"]
     assert data[0][0] - data[-1][0] > 5  # the data's "left" clips move ~7 px left over 8 frames

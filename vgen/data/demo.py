@@ -1,7 +1,7 @@
 """The built-in demo dataset: coloured shapes moving in named directions.
 
-Each clip shows one saturated circle or square (about a quarter of the frame) on a near-black background,
-moving a few pixels per frame in one of four directions, captioned e.g. "a red circle moving left". The
+Each clip shows one saturated circle or square (3/8 of the frame's side) on a near-black background,
+starting near the centre and moving a pixel or more per frame in one of four directions, captioned e.g. "a red circle moving left". The
 vocabulary is small enough that a tiny DiT learns it on a CPU in minutes, and its prompt-following can be
 measured from pixels alone (`benchmarks/demo_eval.py`), with no learned judge.
 """
@@ -75,30 +75,51 @@ def eval_prompts(n: int = 24) -> list[str]:
 def _shape_mask(shape: str, size: int) -> np.ndarray:
     if shape == "square":
         return np.ones((size, size), dtype=bool)
+    # pixels whose centres lie within size/2 - 1/4 of the middle: at 6 px an octagon of 24 pixels (a disc
+    # that touches the edges keeps all but the 4 corner pixels, too close to the square to tell apart)
     centre = (size - 1) / 2
     yy, xx = np.mgrid[:size, :size]
-    return (yy - centre) ** 2 + (xx - centre) ** 2 <= (size / 2) ** 2
+    return (yy - centre) ** 2 + (xx - centre) ** 2 <= (size / 2 - 0.25) ** 2
+
+
+def default_shape_size(height: int, width: int) -> int:
+    """A demo shape's side: 3/8 of the frame's smaller side (6 px in the 16x16 demo)."""
+    return max(2, round(min(height, width) * 3 / 8))
 
 
 def render_clip(colour: str, shape: str, direction: str, num_frames: int, height: int, width: int,
-                rng: random.Random, size: int | None = None) -> tuple[np.ndarray, dict]:
+                rng: random.Random, size: int | None = None, layout: str = "centre") -> tuple[np.ndarray, dict]:
     """Draw one clip; returns uint8 (T, H, W, 3) frames and its metadata.
 
-    The start position is drawn so the shape stays wholly inside the frame for the whole clip.
+    layout "centre" (the demo's): the shape starts within a pixel or two of the frame's centre and moves
+    outwards, sliding partly out of the frame by the end, so the first frame says nothing about the direction
+    and the words fix the path (README, "The demo"). layout "inside" (the demo before; kept to reproduce the
+    ablation records): the start is drawn anywhere the shape stays wholly inside for the whole clip, so it
+    must start on the side it moves away from.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames={num_frames}: a moving shape needs at least 2 frames")
-    size = size or max(2, round(min(height, width) / 4))
+    if layout not in ("centre", "inside"):
+        raise ValueError(f"layout={layout!r} must be 'centre' or 'inside'")
+    size = size or default_shape_size(height, width)
     dx, dy = MOTION[direction]
-    axis_len = width if dx else height
-    max_speed = (axis_len - size) // (num_frames - 1)
+    axis_len, across_len = (width, height) if dx else (height, width)
+    if layout == "inside":
+        max_speed = (axis_len - size) // (num_frames - 1)
+    else:  # half the shape may leave the frame by the last frame
+        max_speed = ((axis_len - size) // 2 + size // 2) // (num_frames - 1)
     if max_speed < 1:
         raise ValueError(f"{num_frames} frames of {height}x{width}: a {size}-pixel shape cannot move "
                          "one pixel per frame and stay inside; use fewer frames or larger ones")
     speed = rng.randint((max_speed + 1) // 2, max_speed)
     travel = speed * (num_frames - 1)
-    along = rng.randint(0, axis_len - size - travel) + (travel if dx + dy < 0 else 0)
-    across = rng.randint(0, (height if dx else width) - size)
+    if layout == "inside":
+        along = rng.randint(0, axis_len - size - travel) + (travel if dx + dy < 0 else 0)
+        across = rng.randint(0, across_len - size)
+    else:
+        jitter = max(1, (min(height, width) - size) // 8)
+        along = (axis_len - size) // 2 + rng.randint(-jitter, jitter)
+        across = (across_len - size) // 2 + rng.randint(-jitter, jitter)
     x0, y0 = (along, across) if dx else (across, along)
     background = rng.randint(0, 16)
     frames = paint_track(colour, shape, size, (x0, y0), (dx * speed, dy * speed), num_frames, height, width, background)
@@ -114,7 +135,11 @@ def paint_track(colour: str, shape: str, size: int, start: tuple[int, int], step
     mask = _shape_mask(shape, size)
     for t in range(num_frames):
         x, y = start[0] + step[0] * t, start[1] + step[1] * t
-        frames[t, y:y + size, x:x + size][mask] = COLOURS[colour]
+        # the part of the shape inside the frame (it may have slid partly out)
+        top, left = max(y, 0), max(x, 0)
+        bottom, right = min(y + size, height), min(x + size, width)
+        if bottom > top and right > left:
+            frames[t, top:bottom, left:right][mask[top - y:bottom - y, left - x:right - x]] = COLOURS[colour]
     return frames
 
 
