@@ -30,10 +30,10 @@ demo: $(STAMP)
 	@echo "contact sheets: $(RUN)/samples/eval/contact_sheet.png (text-to-video), $(RUN)/samples/i2v/contact_sheet.png (image-to-video)"
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs --durations=25
 
 test-full: $(STAMP)
-	VGEN_FULL=1 VGEN_SP_TRAIN_FULL=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs
+	VGEN_FULL=1 VGEN_SP_TRAIN_FULL=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs --durations=25
 
 clean:
 	rm -rf $(VENV) runs data_cache

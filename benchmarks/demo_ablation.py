@@ -7,11 +7,13 @@ at high noise. Each flag switches one suspected cause on or off:
 
   --onehot-direction  the direction also enters adaLN as a learned one-hot embedding (rules out the text)
   --wrap              the shape wraps around the frame edges, so the start position says nothing about
-                      the direction (the demo's own clips must start on the far side to fit: a shortcut)
+                      the direction (the demo's "inside" layout had to start on the far side: a shortcut)
   --one-look          every clip is a red square (direction is the only thing left to learn)
   --full-attention    the temporal layer attends over all tokens (rules out factorized attention)
   --x-prediction      the network predicts x0, turned into the velocity (xt - x0) / t (JiT-style)
   --model-patch/--hidden  finer tokens (1,1,1 = 2x2 pixels) at a similar cost (hidden 64)
+  --layout inside     the demo's clips before the sixth round (start anywhere the shape stays inside;
+                      with --shape-size 4 the clips of the earlier records)
 
     python benchmarks/demo_ablation.py --steps 1200 --out benchmarks/results/demo_ablation_base.json
     python benchmarks/demo_ablation.py --probe-only W.pt  # mean-prediction tracks of saved EMA weights

@@ -34,7 +34,7 @@ from vgen.data.video import read_video_file  # noqa: E402
 FOREGROUND_THRESHOLD = 60
 # Below this the centroid has not moved: "no direction" rather than a coin toss.
 MIN_DISPLACEMENT = 1.0
-# Fewer foreground pixels than this fraction is noise, not a shape (a demo shape covers ~5%).
+# Fewer foreground pixels than this fraction is noise, not a shape (a demo shape covers 9-14% of the frame).
 MIN_FOREGROUND = 0.005
 
 
@@ -106,7 +106,7 @@ def classify_clip(frames, shape_size: int | None = None) -> dict:
     """
     frames = np.asarray(frames)
     pixels = frames.reshape(-1, 3).astype(np.float64)
-    background = np.median(pixels, axis=0)  # the shape covers ~5% of the frame, so the median is background
+    background = np.median(pixels, axis=0)  # the shape covers at most 14% of the frame: the median is background
     distance = np.abs(frames.astype(np.float64) - background).max(axis=-1)  # (T, H, W)
     mask = distance > FOREGROUND_THRESHOLD
     result = {"found": bool(mask.mean() >= MIN_FOREGROUND), "colour": None, "colour_score": 0.0,
