@@ -4,6 +4,7 @@ import torch
 
 from vgen.diffusion.flow import (
     add_noise,
+    configured_shift,
     euler_sample,
     flow_matching_loss,
     guided_velocity,
@@ -70,6 +71,18 @@ def test_shift_grows_with_tokens():
     assert timestep_shift(1024) == 2.0
     assert timestep_shift(4096) > timestep_shift(1024)
     assert timestep_shift(10**9, max_shift=6.0) == 6.0
+
+
+def test_a_configured_shift_replaces_the_token_rule():
+    import pytest
+    from types import SimpleNamespace
+
+    rule = SimpleNamespace(shift=None, shift_base_tokens=256, shift_max=6.0)
+    assert configured_shift(1024, rule) == 2.0 and configured_shift(128, rule) == 1.0
+    fixed = SimpleNamespace(shift=3.0, shift_base_tokens=256, shift_max=6.0)
+    assert configured_shift(128, fixed) == 3.0 == configured_shift(10**6, fixed)
+    with pytest.raises(ValueError, match="diffusion.shift"):
+        configured_shift(128, SimpleNamespace(shift=0.0, shift_base_tokens=256, shift_max=6.0))
 
 
 def test_guidance_combines_conditional_and_unconditional():

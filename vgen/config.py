@@ -108,6 +108,8 @@ class DiffusionConfig:
     # timestep shift grows with sqrt(tokens / shift_base_tokens); 1.0 at the base size
     shift_base_tokens: int = 256
     shift_max: float = 6.0
+    # a fixed timestep shift for training and sampling (3.0: SD3's); None: the token-count rule above
+    shift: Optional[float] = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from vgen.config import ConfigError
 from vgen.contact_sheet import write_contact_sheet
-from vgen.diffusion.flow import euler_sample, guided_velocity, timestep_shift
+from vgen.diffusion.flow import configured_shift, euler_sample, guided_velocity
 from vgen.train.i2v import condition_batch
 
 # settings only the sampler reads; every other override must name a key of the run's config.yaml
@@ -100,7 +100,7 @@ def generate_to_dir(model, text_encoder, autoencoder, cfg, out_dir, prompts=None
     shape = latent_shape_for(cfg, autoencoder)
     s = cfg.sample
     save_raw = bool(OmegaConf.select(cfg, "sample.save_raw", default=SAMPLER_KEYS["sample.save_raw"]))
-    shift = timestep_shift(_tokens(model, shape), cfg.diffusion.shift_base_tokens, cfg.diffusion.shift_max)
+    shift = configured_shift(_tokens(model, shape), cfg.diffusion)
     image = OmegaConf.select(cfg, "sample.image", default=None)
     first = first_latent_frames(image, autoencoder, cfg, model, device) if image else None
     rows, sheet = [], []

@@ -16,6 +16,16 @@ def timestep_shift(num_tokens: int, base_tokens: int = 256, max_shift: float = 6
     return float(min(max(math.sqrt(num_tokens / base_tokens), 1.0), max_shift))
 
 
+def configured_shift(num_tokens: int, diffusion_cfg) -> float:
+    """The timestep shift training and sampling use: `diffusion.shift` when set, else the token-count rule."""
+    fixed = getattr(diffusion_cfg, "shift", None)
+    if fixed is not None:
+        if fixed <= 0:
+            raise ValueError(f"diffusion.shift={fixed} must be positive (1.0: no shift)")
+        return float(fixed)
+    return timestep_shift(num_tokens, diffusion_cfg.shift_base_tokens, diffusion_cfg.shift_max)
+
+
 def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Map t in [0, 1] towards 1 (noise): shift * t / (1 + (shift - 1) * t); identity for shift 1."""
     return shift * t / (1.0 + (shift - 1.0) * t)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgen.diffusion.flow import add_noise, flow_matching_loss, sample_timesteps, timestep_shift, velocity_target
+from vgen.diffusion.flow import add_noise, configured_shift, flow_matching_loss, sample_timesteps, velocity_target
 from vgen.models import build_dit, build_frozen_encoders
 from vgen.train.i2v import condition_batch, draw_given
 
@@ -87,7 +87,7 @@ class DiffusionTask:
         T, H, W = model.token_grid(x0.shape)
         self.latent_shape = tuple(x0.shape[1:])
         d = self.cfg.diffusion
-        shift = timestep_shift(T * H * W, d.shift_base_tokens, d.shift_max)
+        shift = configured_shift(T * H * W, d)
         t = torch.cat([sample_timesteps(1, g, shift, d.logit_mean, d.logit_std) for g in gens]).to(self.device)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
         xt = add_noise(x0, noise, t)
