@@ -1,9 +1,9 @@
 """The built-in demo dataset: coloured shapes moving in named directions.
 
 Each clip shows one saturated circle or square (3/8 of the frame's side) on a near-black background,
-starting near the centre and moving a pixel or more per frame in one of four directions, captioned e.g. "a red circle moving left". The
-vocabulary is small enough that a tiny DiT learns it on a CPU in minutes, and its prompt-following can be
-measured from pixels alone (`benchmarks/demo_eval.py`), with no learned judge.
+starting near the centre and moving a pixel or more per frame in one of four directions, captioned e.g.
+"a red circle moving left". The vocabulary is small enough that a tiny DiT learns it on a CPU in minutes,
+and its prompt-following can be measured from pixels alone (`benchmarks/demo_eval.py`), with no learned judge.
 """
 
 from __future__ import annotations
