@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate(args.samples)
     print(f"demo prompt-following over {result['n']} clips ({len(result['colours_covered'])} colours, "
           f"{len(result['directions_covered'])} directions)")
-    for name in ("colour", "direction", "both", "shape", "shape_accuracy_box_fill"):
-        key = name if name.endswith("fill") else name + "_accuracy"
+    for key in ("colour_accuracy", "direction_accuracy", "both_accuracy", "shape_accuracy", "shape_accuracy_box_fill"):
         print(f"  {key.replace('_', ' '):30s} {result[key]:.3f}")
     if args.out:
         write_record(args.out, "benchmarks/demo_eval.py", argv, {"samples": str(args.samples), **result})

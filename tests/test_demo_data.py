@@ -4,6 +4,7 @@ classified right, and a wrong prompt must be scored wrong."""
 import importlib.util
 import json
 import multiprocessing
+import random
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from vgen.data.demo import (COLOURS, DIRECTIONS, MARKER, SHAPES, caption, eval_prompts, parse_prompt,
-                            write_demo_shards)
+                            render_clip, write_demo_shards)
 from vgen.data.video import decode_video, read_video_file, write_mp4
 
 torch.set_num_threads(1)
@@ -75,8 +76,6 @@ def test_every_demo_clip_is_classified_correctly(demo):
 
 
 def test_demo_layouts_keep_the_shape_in_view():
-    from vgen.data.demo import render_clip
-    import random
     for layout in ("centre", "inside"):
         for i, direction in enumerate(DIRECTIONS * 4):
             frames, meta = render_clip("red", SHAPES[i % 2], direction, 8, 16, 16, random.Random(i), layout=layout)
@@ -205,8 +204,6 @@ def test_demo_refuses_to_write_into_a_prepared_folder(tmp_path):
 
 
 def test_shape_classifier_reads_area_not_a_stray_pixel_or_a_halo():
-    import random
-    from vgen.data.demo import render_clip
     for i, shape in enumerate(SHAPES * 4):
         frames, meta = render_clip("green", shape, DIRECTIONS[i % 4], 8, 16, 16, random.Random(i))
         assert demo_eval.classify_clip(frames)["shape"] == shape

@@ -77,12 +77,14 @@ def test_a_configured_shift_replaces_the_token_rule():
     import pytest
     from types import SimpleNamespace
 
+    from vgen.config import ConfigError, load_config
+
     rule = SimpleNamespace(shift=None, shift_base_tokens=256, shift_max=6.0)
     assert configured_shift(1024, rule) == 2.0 and configured_shift(128, rule) == 1.0
     fixed = SimpleNamespace(shift=3.0, shift_base_tokens=256, shift_max=6.0)
     assert configured_shift(128, fixed) == 3.0 == configured_shift(10**6, fixed)
-    with pytest.raises(ValueError, match="diffusion.shift"):
-        configured_shift(128, SimpleNamespace(shift=0.0, shift_base_tokens=256, shift_max=6.0))
+    with pytest.raises(ConfigError, match="diffusion.shift"):
+        load_config(["diffusion.shift=0.0"])
 
 
 def test_guidance_combines_conditional_and_unconditional():

@@ -300,6 +300,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.max_steps >= 1, "train.max_steps must be >= 1")
     _check(cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1")
     _check(cfg.train.task in ("diffusion", "vae"), f"train.task={cfg.train.task!r} must be 'diffusion' or 'vae'")
+    _check(cfg.diffusion.shift is None or cfg.diffusion.shift > 0,
+           f"diffusion.shift={cfg.diffusion.shift} must be positive (1.0: no shift; unset: the token-count rule)")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _check(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")

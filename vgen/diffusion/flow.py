@@ -17,11 +17,10 @@ def timestep_shift(num_tokens: int, base_tokens: int = 256, max_shift: float = 6
 
 
 def configured_shift(num_tokens: int, diffusion_cfg) -> float:
-    """The timestep shift training and sampling use: `diffusion.shift` when set, else the token-count rule."""
+    """The timestep shift training and sampling use: `diffusion.shift` when set (checked positive when the
+    config loads), else the token-count rule. A run directory saved before the key existed has no shift."""
     fixed = getattr(diffusion_cfg, "shift", None)
     if fixed is not None:
-        if fixed <= 0:
-            raise ValueError(f"diffusion.shift={fixed} must be positive (1.0: no shift)")
         return float(fixed)
     return timestep_shift(num_tokens, diffusion_cfg.shift_base_tokens, diffusion_cfg.shift_max)
 
